@@ -1,0 +1,161 @@
+"""The `retrofit` command line: the whole run, one stage, evaluation of any BEIR folder, serving."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEMO_QUERY = "How do I serialize a Python object to a JSON formatted string?"
+
+
+def _common(p: argparse.ArgumentParser, out_help: str = "Run directory (created if missing).") -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config file (see `retrofit config show`).")
+    p.add_argument("--set", metavar="SECTION.FIELD=VALUE", action="append", default=[], dest="overrides",
+                   help="Override one config field, e.g. --set train.lr=1e-5 (repeatable).")
+    p.add_argument("--out", metavar="RUN_DIR", default="runs/latest", help=out_help + " Default: runs/latest.")
+    p.add_argument("--force", action="store_true", help="Rerun even if the stage is up to date.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retrofit", description=(
+        "Adapt an embedding model to your documents: corpus -> sdg -> prep -> train -> eval -> export -> serve."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="Run every stage, then start the endpoint, embed one query and stop.",
+                       description="Run every stage (skipping up-to-date ones), print base vs fine-tuned "
+                                   "metrics, start the endpoint, embed one query over HTTP and stop.")
+    _common(p)
+    p.add_argument("--corpus", metavar="PATH", help="Corpus (folder, .jsonl, .parquet, BEIR folder, saved HF "
+                   "dataset, or 'sample'); same as --set corpus.path=PATH.")
+    p.add_argument("--query", default=DEMO_QUERY, help="Query embedded through the endpoint at the end.")
+    p.add_argument("--keep-serving", action="store_true", help="Keep the endpoint up until Ctrl-C.")
+    p.add_argument("--no-serve", action="store_true", help="Stop after export.")
+
+    for name, text in [("corpus", "Read and chunk the corpus into corpus/chunks.parquet."),
+                       ("sdg", "Generate synthetic queries per chunk with the LLM (sdg/qa.parquet)."),
+                       ("prep", "Split by document and mine hard negatives (prep/{train,val,test}.parquet)."),
+                       ("train", "Contrastive fine-tuning on Ray Train (train/model)."),
+                       ("export", "Export the fine-tuned model to ONNX with a parity check (export/onnx).")]:
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p)
+        if name == "corpus":
+            p.add_argument("--corpus", metavar="PATH", help="Same as --set corpus.path=PATH.")
+
+    p = sub.add_parser("eval", help="Base vs fine-tuned metrics on the run's test split, or any BEIR folder.",
+                       description="Without --beir: evaluate the run's test split (eval/metrics.json). With "
+                                   "--beir DIR: evaluate that BEIR folder with --model (default: the base "
+                                   "model) and write the metrics JSON to --out.")
+    _common(p, out_help="Run directory; with --beir, the JSON file to write.")
+    p.add_argument("--beir", metavar="DIR", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv.")
+    p.add_argument("--model", metavar="PATH", action="append", default=[],
+                   help="Model folder or packaged name (repeatable); default: the configured base model.")
+
+    p = sub.add_parser("serve", help="Serve the exported model at /v1/embeddings (Ray Serve).",
+                       description="Serve RUN_DIR/export/onnx over HTTP until Ctrl-C (host and port from "
+                                   "serve.host / serve.port).")
+    _common(p)
+    p.add_argument("--once", action="store_true", help="Embed one query through the endpoint, then stop.")
+    p.add_argument("--query", default=DEMO_QUERY, help="The query used with --once.")
+
+    p = sub.add_parser("query", help="Embed a text through a running endpoint.",
+                       description="Embed a text through a running endpoint and print the vector.")
+    p.add_argument("text", help="Text to embed.")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="Endpoint base URL.")
+
+    p = sub.add_parser("config", help="Show the resolved configuration.", description="Configuration tools.")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="Print the resolved config (defaults <- profile <- file <- --set).")
+    show.add_argument("--config", metavar="FILE", help="YAML config file.")
+    show.add_argument("--set", metavar="SECTION.FIELD=VALUE", action="append", default=[], dest="overrides",
+                      help="Override one field (repeatable).")
+    return parser
+
+
+def _config(args):
+    from pipeline.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "corpus", None):
+        overrides.append(f"corpus.path={args.corpus}")
+    return load_config(args.config, overrides)
+
+
+def _eval_beir(args, cfg) -> None:
+    from pipeline.evaluate import evaluate_models, format_table
+    from pipeline.models import cache_dir, resolve_embedder
+
+    names = args.model or [cfg.train.base_model]
+    models = {name: resolve_embedder(name) for name in names}
+    means, _ = evaluate_models(args.beir, models, cfg.eval.top_k, cache_dir() / "eval", cfg.eval.batch_size)
+    print(format_table(means))
+    if args.out and args.out != "runs/latest":
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(means, indent=2))
+        print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.config import dump_config
+    from pipeline.export import ParityError
+    from pipeline.rundir import StageInputMissing
+
+    try:
+        if args.command == "config":
+            print(dump_config(_config(args)), end="")
+            return 0
+        if args.command == "query":
+            from serve.client import embed
+
+            vec = embed(args.url, [args.text])[0]
+            print(json.dumps({"dimension": len(vec), "embedding": vec}))
+            return 0
+        cfg = _config(args)
+        if args.command == "eval" and args.beir:
+            _eval_beir(args, cfg)
+            return 0
+
+        from pipeline import runner
+        from pipeline.rundir import RunDir
+
+        run = RunDir(args.out)
+        if args.command == "run":
+            runner.run_all(cfg, run, force=args.force)
+            print(f"\nBase vs fine-tuned on the synthetic test split ({run.root / 'eval' / 'metrics.json'}):")
+            print((run.root / "eval" / "report.md").read_text().split("```")[1].strip())
+            if not args.no_serve:
+                runner.smoke_serve(cfg, run, args.query, keep_serving=args.keep_serving)
+        elif args.command == "serve":
+            runner.smoke_serve(cfg, run, args.query, keep_serving=not args.once)
+        else:
+            runner.run_stage(args.command, cfg, run, force=args.force)
+        return 0
+    # Our input errors (config, corpus, BEIR folder, model, empty splits) are ValueErrors with a message
+    # that names the file or field: print it in one line instead of a traceback.
+    except (ValueError, StageInputMissing, ParityError) as e:
+        print(f"retrofit: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Typed run configuration: one YAML file (or flags), validated by pydantic.
+
+Every field has a default that works on a 2-core laptop; profiles change a few of them for other
+hardware. Errors name the field (``train.lr``) and what it accepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    # Unknown keys are typos, not extensions: reject them so `lerning_rate: 1e-5` is not silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(Section):
+    path: str = Field("sample", description="Corpus: a folder of .txt/.md files, a .jsonl or .parquet file with "
+                      "id/title/text columns, a BEIR folder, a saved HF dataset, or 'sample' (stdlib docs).")
+    format: Literal["auto", "folder", "jsonl", "parquet", "beir", "hf", "sample"] = "auto"
+    chunk_tokens: int = Field(200, ge=16, le=8192, description="Chunk length in embedder tokens.")
+    chunk_overlap: int = Field(32, ge=0, description="Tokens shared by neighbouring chunks.")
+    prechunked: bool = Field(False, description="Rows are already chunks: keep their ids, do not re-chunk.")
+    max_docs: int | None = Field(None, ge=1, description="Use only the first N documents (demos, subsets).")
+    sample_docs: int = Field(40, ge=1, description="Documents in the built-in sample corpus.")
+
+    @model_validator(mode="after")
+    def _overlap_below_length(self):
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError("chunk_overlap must be smaller than chunk_tokens")
+        return self
+
+
+class SDGConfig(Section):
+    backend: Literal["transformers"] = Field("transformers", description="LLM engine that writes the queries.")
+    llm: str = Field("smollm2", description="'smollm2', 'gemma3' (packaged GGUF) or a HF model folder.")
+    queries_per_chunk: int = Field(3, ge=1, le=20)
+    max_new_tokens: int = Field(48, ge=8, le=2048, description="Reply length cap (a query is one line).")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    batch_size: int = Field(8, ge=1, description="Chunks per generate() call.")
+    shard_size: int = Field(32, ge=1, description="Chunks per output shard (the unit of resume).")
+    num_actors: int = Field(1, ge=1, description="LLM actors (one engine each).")
+    cpus_per_actor: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    min_query_chars: int = Field(8, ge=1)
+    max_query_chars: int = Field(300, ge=8)
+
+
+class PrepConfig(Section):
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of documents in the val split.")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of documents in the test split.")
+    num_negatives: int = Field(5, ge=0, le=64, description="Hard negatives per training row.")
+    mining_model: str = Field("base", description="'base' (the train.base_model) or a model path.")
+    candidates: int = Field(30, ge=1, description="Nearest chunks considered per query before filtering.")
+    margin: float = Field(0.95, gt=0.0, le=1.0,
+                          description="Drop candidates scoring above margin x positive score (false negatives).")
+    skip_top: int = Field(0, ge=0, description="Ignore the N best-ranked candidates.")
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training(self):
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave documents for training (< 1.0)")
+        return self
+
+
+class TrainConfig(Section):
+    base_model: str = Field("minilm", description="'minilm' (packaged all-MiniLM-L6-v2) or a model folder.")
+    epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(16, ge=2, description="Queries per step per worker.")
+    lr: float = Field(2e-5, gt=0.0, lt=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    temperature: float = Field(0.05, gt=0.0, le=1.0, description="InfoNCE temperature.")
+    negatives_per_query: int = Field(3, ge=0, description="Hard negatives used per query in a step.")
+    max_query_tokens: int = Field(64, ge=8)
+    max_passage_tokens: int = Field(256, ge=16)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (processes).")
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    seed: int = 13
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(64, ge=1)
+    top_k: int = Field(100, ge=10, description="Documents retrieved per query.")
+
+
+class ExportConfig(Section):
+    opset: int = Field(17, ge=14)
+    parity_texts: int = Field(200, ge=1, description="Real texts compared between torch and ONNX.")
+    min_cosine: float = Field(0.9999, gt=0.0, le=1.0, description="Parity gate: cosine(ONNX, torch) per text.")
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0.0)
+    max_inputs: int = Field(256, ge=1, description="Inputs per request.")
+    max_input_chars: int = Field(8192, ge=1)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Cluster address; unset means RAY_ADDRESS or an embedded local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all).")
+
+
+class RetrofitConfig(Section):
+    profile: Literal["cpu-small", "gpu-h200"] = "cpu-small"
+    seed: int = 13
+    corpus: CorpusConfig = CorpusConfig()
+    sdg: SDGConfig = SDGConfig()
+    prep: PrepConfig = PrepConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
+    ray: RayConfig = RayConfig()
+
+    def section_hash(self, *names: str, extra: dict | None = None) -> str:
+        """Hash of the named sections: a stage is rerun only when the settings it reads change."""
+        payload = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        payload["seed"] = self.seed
+        payload["extra"] = extra or {}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu-small": {},
+    "gpu-h200": {
+        "sdg": {"gpus_per_actor": 1.0, "batch_size": 64, "shard_size": 512},
+        "prep": {"batch_size": 512},
+        "train": {"use_gpu": True, "batch_size": 128, "epochs": 3},
+        "eval": {"batch_size": 512},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: names the file and field."""
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(item: str) -> dict:
+    """'train.lr=1e-5' -> {'train': {'lr': 1e-05}}; the value is read as YAML (numbers, bools, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    dotted, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    for key in reversed(dotted.strip().split(".")):
+        value = {key: value}
+    return value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {field}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and
+                                                  not isinstance(e["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RetrofitConfig:
+    """Defaults <- profile <- YAML file <- `section.field=value` overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        data = _deep_merge(data, _parse_override(item))
+    profile = data.get("profile", "cpu-small")
+    if profile not in PROFILES:
+        raise ConfigError(f"invalid config ({source}):\n  profile: must be one of {sorted(PROFILES)} (got {profile!r})")
+    data = _deep_merge(PROFILES[profile], data)
+    try:
+        return RetrofitConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: RetrofitConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

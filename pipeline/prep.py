@@ -1,0 +1,158 @@
+"""Prep stage: split QA pairs by document and mine hard negatives with the base embedder + FAISS.
+
+- Split: documents (not QA pairs) are assigned to train/val/test with a seeded shuffle, so no document
+  feeds two splits and test chunks never appear in a training row, as positive or as negative.
+- Mining: chunks and queries are embedded with the mining model; FAISS returns each query's nearest
+  chunks; candidates that are the positive, come from the positive's document, score above
+  `margin x positive score` (likely false negatives) or belong to the test split are dropped.
+- The test split is also written in BEIR format (corpus = every chunk) for any BEIR tool to check.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SPLIT_SCHEMA = pa.schema([
+    ("qa_id", pa.string()), ("query", pa.string()), ("query_type", pa.string()),
+    ("positive_id", pa.string()), ("positive_doc_id", pa.string()), ("positive_text", pa.string()),
+    ("positive_score", pa.float32()), ("negative_ids", pa.list_(pa.string())),
+    ("negative_texts", pa.list_(pa.string())), ("negative_scores", pa.list_(pa.float32())),
+])
+
+
+def split_documents(doc_ids: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """doc_id -> 'train' | 'val' | 'test'. Sorted first, so the split depends only on ids and seed."""
+    docs = sorted(set(doc_ids))
+    random.Random(seed).shuffle(docs)
+    n = len(docs)
+    n_test = round(n * test_fraction)
+    n_val = round(n * val_fraction)
+    # A tiny corpus still gets one test and one val document when asked for, and keeps one for training.
+    if test_fraction > 0 and n >= 3:
+        n_test = max(1, n_test)
+    if val_fraction > 0 and n >= 3:
+        n_val = max(1, n_val)
+    n_test, n_val = min(n_test, max(0, n - 1)), min(n_val, max(0, n - 1 - n_test))
+    split = {d: "test" for d in docs[:n_test]}
+    split.update({d: "val" for d in docs[n_test:n_test + n_val]})
+    split.update({d: "train" for d in docs[n_test + n_val:]})
+    return split
+
+
+def search(chunk_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search (embeddings are normalised, so scores are cosines)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(chunk_emb.shape[1])
+    index.add(chunk_emb)
+    return index.search(query_emb, min(k, chunk_emb.shape[0]))
+
+
+def mine_negatives(qa: list[dict], chunk_ids: list[str], chunk_docs: list[str], chunk_emb: np.ndarray,
+                   query_emb: np.ndarray, *, candidates: int, margin: float, skip_top: int,
+                   num_negatives: int, banned_docs: set[str], stats: dict) -> list[dict]:
+    """For each QA row, the hard negatives that survive the false-negative filters."""
+    pos_index = {cid: i for i, cid in enumerate(chunk_ids)}
+    scores, idx = search(chunk_emb, query_emb, candidates + skip_top + 1)
+    out = []
+    for r, row in enumerate(qa):
+        p = pos_index[row["chunk_id"]]
+        pos_score = float(query_emb[r] @ chunk_emb[p])
+        negs, neg_scores = [], []
+        ranked = [(int(j), float(s)) for j, s in zip(idx[r], scores[r]) if j >= 0]
+        for rank, (j, s) in enumerate(ranked):
+            if j == p:
+                continue
+            if rank < skip_top:
+                stats["skipped_top"] += 1
+            elif chunk_docs[j] == row["doc_id"]:
+                stats["same_document"] += 1
+            elif chunk_docs[j] in banned_docs:
+                stats["held_out_document"] += 1
+            elif s > margin * pos_score:
+                stats["above_margin"] += 1
+            elif len(negs) < num_negatives:
+                negs.append(j)
+                neg_scores.append(s)
+        stats["kept"] += len(negs)
+        out.append({"positive": p, "positive_score": pos_score, "negatives": negs, "negative_scores": neg_scores})
+    return out
+
+
+def write_beir(out_dir: Path, chunks: pa.Table, test_rows: list[dict]) -> None:
+    """BEIR layout: corpus.jsonl (every chunk), queries.jsonl and qrels/test.tsv (test split)."""
+    (out_dir / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for c in chunks.select(["chunk_id", "title", "text"]).to_pylist():
+            f.write(json.dumps({"_id": c["chunk_id"], "title": c["title"], "text": c["text"]}) + "\n")
+    with open(out_dir / "queries.jsonl", "w", encoding="utf-8") as f:
+        for r in test_rows:
+            f.write(json.dumps({"_id": r["qa_id"], "text": r["query"], "query_type": r["query_type"]}) + "\n")
+    with open(out_dir / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for r in test_rows:
+            f.write(f"{r['qa_id']}\t{r['positive_id']}\t1\n")
+
+
+def run_stage(cfg, run, rec) -> None:
+    from pipeline.encode import encode_parquet
+    from pipeline.models import resolve_embedder
+
+    chunks_path = run.root / "corpus" / "chunks.parquet"
+    chunks = pq.read_table(chunks_path)
+    qa = pq.read_table(run.root / "sdg" / "qa.parquet").to_pylist()
+    if not qa:
+        raise ValueError(f"{run.root / 'sdg' / 'qa.parquet'} holds no QA pairs: nothing to train on")
+    split_of = split_documents(chunks.column("doc_id").to_pylist(), cfg.prep.val_fraction,
+                               cfg.prep.test_fraction, cfg.seed)
+    rec.phase("split")
+
+    mining_model = resolve_embedder(cfg.train.base_model if cfg.prep.mining_model == "base" else cfg.prep.mining_model)
+    queries_path = rec.output("queries.tmp.parquet")
+    pq.write_table(pa.Table.from_pylist([{"query": r["query"]} for r in qa]), queries_path)
+    use_ray = len(qa) + chunks.num_rows > 20_000
+    cache = run.root / "cache" / "embeddings"
+    common = dict(batch_size=cfg.prep.batch_size, use_ray=use_ray, cpus=1)
+    chunk_emb = encode_parquet(mining_model, chunks_path, "passage", cache, **common)
+    query_emb = encode_parquet(mining_model, queries_path, "query", cache, **common)
+    queries_path.unlink()
+    rec.phase("embed")
+
+    chunk_ids = chunks.column("chunk_id").to_pylist()
+    chunk_docs = chunks.column("doc_id").to_pylist()
+    chunk_texts = chunks.column("text").to_pylist()
+    chunk_titles = chunks.column("title").to_pylist()
+    test_docs = {d for d, s in split_of.items() if s == "test"}
+    stats = {"skipped_top": 0, "same_document": 0, "held_out_document": 0, "above_margin": 0, "kept": 0}
+    mined = mine_negatives(qa, chunk_ids, chunk_docs, chunk_emb, query_emb, candidates=cfg.prep.candidates,
+                           margin=cfg.prep.margin, skip_top=cfg.prep.skip_top,
+                           num_negatives=cfg.prep.num_negatives, banned_docs=test_docs, stats=stats)
+    rec.phase("mine")
+
+    from pipeline.corpus import passage_text
+
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for row, m in zip(qa, mined):
+        p = m["positive"]
+        splits[split_of[row["doc_id"]]].append({
+            "qa_id": row["qa_id"], "query": row["query"], "query_type": row["query_type"],
+            "positive_id": chunk_ids[p], "positive_doc_id": chunk_docs[p],
+            "positive_text": passage_text(chunk_titles[p], chunk_texts[p]), "positive_score": m["positive_score"],
+            "negative_ids": [chunk_ids[j] for j in m["negatives"]],
+            "negative_texts": [passage_text(chunk_titles[j], chunk_texts[j]) for j in m["negatives"]],
+            "negative_scores": m["negative_scores"]})
+    for name, rows in splits.items():
+        pq.write_table(pa.Table.from_pylist(rows, SPLIT_SCHEMA), rec.output(f"{name}.parquet"))
+    write_beir(rec.dir / "beir_test", chunks, splits["test"])
+    if not splits["train"]:
+        raise ValueError("the training split is empty: the corpus needs more documents or QA pairs")
+    rec.manifest.counts = {**{f"{k}_rows": len(v) for k, v in splits.items()},
+                           "documents": {s: sum(1 for v in split_of.values() if v == s) for s in splits},
+                           "negatives": stats,
+                           "positive_score_mean": float(np.mean([m["positive_score"] for m in mined]))}

@@ -1,0 +1,117 @@
+"""How stages use Ray: start or join it, and stream shard tasks through an actor pool.
+
+Stage logic lives in plain worker classes (constructor loads a model, ``__call__`` processes one shard
+and writes its output file). Ray Data composes them: one dataset row per pending shard, an actor
+pool of workers, results streamed back to the driver for progress. ``use_ray=False`` runs the very
+same worker in-process, which is what unit tests and Ray-less machines use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Iterator
+
+log = logging.getLogger("retrofit.ray")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS (or `address`) when set; otherwise start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers must import our packages the same way the driver does (a source checkout included).
+    project_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join([project_root, os.environ.get("PYTHONPATH", "")]),
+                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                        "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
+    else:
+        log.info("starting embedded local Ray")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level=logging.WARNING,
+                 _node_ip_address="127.0.0.1")
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # we print our own progress line per shard
+    ctx.print_on_execution_start = False
+
+
+def set_threads(n: int) -> None:
+    """Ray sets OMP_NUM_THREADS=1 in workers; set the thread count we were actually given."""
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
+
+
+class Progress:
+    """A one-line progress report: done/total, rate and ETA (stderr, readable in logs too)."""
+
+    def __init__(self, label: str, total: int, unit: str = "shards"):
+        self.label, self.total, self.unit = label, total, unit
+        self.done, self.t0 = 0, time.perf_counter()
+
+    def advance(self, n: int = 1, extra: str = "") -> None:
+        self.done += n
+        elapsed = time.perf_counter() - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        print(f"[{self.label}] {self.done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
+              f"ETA {eta:.0f}s {extra}", file=sys.stderr, flush=True)
+
+
+def map_shards(worker_cls: type, tasks: list[dict], *, ctor_kwargs: dict, use_ray: bool = True,
+               num_actors: int = 1, num_cpus: float = 1, num_gpus: float = 0,
+               label: str = "stage") -> Iterator[dict]:
+    """Run worker_cls over shard tasks and yield one result dict per finished shard.
+
+    Each task is a small dict of scalars (a shard id and row range); the worker reads its rows,
+    writes its output file and returns a summary. Only summaries travel back to the driver, so the
+    driver's memory does not grow with the corpus.
+    """
+    progress = Progress(label, len(tasks))
+    if not tasks:
+        return
+    if not use_ray:
+        worker = worker_cls(**ctor_kwargs)
+        for task in tasks:
+            result = worker.process(task)
+            progress.advance(extra=_summary(result))
+            yield result
+        return
+
+    import ray.data
+
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = ds.map_batches(_BatchAdapter, fn_constructor_kwargs={"worker_cls": worker_cls, "ctor_kwargs": ctor_kwargs},
+                        batch_size=1, batch_format="pandas",
+                        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(tasks))),
+                        num_cpus=num_cpus, num_gpus=num_gpus)
+    for row in ds.iter_rows():
+        result = dict(row)
+        progress.advance(extra=_summary(result))
+        yield result
+
+
+def _summary(result: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in result.items() if isinstance(v, (int, float)) and k != "shard_id")
+
+
+class _BatchAdapter:
+    """Turns a plain worker (process(task) -> dict) into a Ray Data batch UDF."""
+
+    def __init__(self, worker_cls: type, ctor_kwargs: dict):
+        self.worker = worker_cls(**ctor_kwargs)
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        results = [self.worker.process(task) for task in batch.to_dict("records")]
+        return pd.DataFrame(results)
+

@@ -1,0 +1,158 @@
+"""The run directory: one subfolder per stage, each with a manifest.json.
+
+A manifest records the stage's config hash, the fingerprints of its inputs, counts, timings,
+library versions, its status and fingerprints of what it wrote. A completed stage whose config hash
+and input fingerprints are unchanged is skipped on rerun; anything else reruns it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+STAGES = ("corpus", "sdg", "prep", "train", "eval", "export", "serve")
+VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "ray", "faiss-cpu", "onnxruntime", "pyarrow")
+
+
+def file_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def tree_fingerprint(path: Path) -> str:
+    """Content hash of a file, or of every file under a folder (relative names included)."""
+    path = Path(path)
+    if path.is_file():
+        return file_fingerprint(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode())
+        h.update(file_fingerprint(p).encode())
+    return h.hexdigest()[:16]
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class Manifest:
+    stage: str
+    status: str = "running"  # running | completed | failed
+    config_hash: str = ""
+    inputs: dict = field(default_factory=dict)  # name -> fingerprint
+    outputs: dict = field(default_factory=dict)  # relative path -> fingerprint
+    counts: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    error: str | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True, default=str)
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+        d = self.root / stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.root / stage / "manifest.json"
+
+    def read_manifest(self, stage: str) -> Manifest | None:
+        p = self.manifest_path(stage)
+        if not p.exists():
+            return None
+        return Manifest(**json.loads(p.read_text()))
+
+    def write_manifest(self, m: Manifest) -> None:
+        p = self.manifest_path(m.stage)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(m.to_json())
+        os.replace(tmp, p)  # atomic: a crash never leaves half a manifest
+
+    def require(self, stage: str, needed_by: str) -> Manifest:
+        m = self.read_manifest(stage)
+        if m is None or m.status != "completed":
+            raise StageInputMissing(
+                f"stage '{needed_by}' needs the output of stage '{stage}' in {self.root / stage}; "
+                f"run `retrofit {stage} --out {self.root}` (or `retrofit run`) first")
+        return m
+
+    def outputs_fingerprint(self, stage: str, needed_by: str) -> str:
+        m = self.require(stage, needed_by)
+        return hashlib.sha256(json.dumps(m.outputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StageInputMissing(RuntimeError):
+    pass
+
+
+class StageRecorder:
+    """Context manager around one stage run: writes running/completed/failed manifests."""
+
+    def __init__(self, run: RunDir, stage: str, config_hash: str, inputs: dict):
+        self.run, self.stage = run, stage
+        self.dir = run.stage_dir(stage)
+        self.manifest = Manifest(stage=stage, config_hash=config_hash, inputs=inputs,
+                                 versions=_versions(), started_at=time.time())
+        self._t0 = time.perf_counter()
+        self._phase_t0 = self._t0
+
+    def up_to_date(self) -> bool:
+        old = self.run.read_manifest(self.stage)
+        return (old is not None and old.status == "completed" and old.config_hash == self.manifest.config_hash
+                and old.inputs == self.manifest.inputs)
+
+    def phase(self, name: str) -> None:
+        """Close the current timing phase under `name`."""
+        now = time.perf_counter()
+        self.manifest.timings[name] = round(now - self._phase_t0, 3)
+        self._phase_t0 = now
+
+    def output(self, relpath: str) -> Path:
+        return self.dir / relpath
+
+    def __enter__(self):
+        self.run.write_manifest(self.manifest)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.manifest.finished_at = time.time()
+        self.manifest.timings["total"] = round(time.perf_counter() - self._t0, 3)
+        if exc is None:
+            self.manifest.status = "completed"
+            self.manifest.outputs = {
+                str(p.relative_to(self.dir)): file_fingerprint(p)
+                for p in sorted(self.dir.rglob("*")) if p.is_file() and p.name != "manifest.json"
+                and not p.name.endswith(".tmp")}
+        else:
+            self.manifest.status = "failed"
+            self.manifest.error = f"{exc_type.__name__}: {exc}"
+        self.run.write_manifest(self.manifest)
+        return False

@@ -1,0 +1,91 @@
+"""Runs stages in order against a run directory, skipping the ones that are up to date.
+
+A stage is identified by (the config sections it reads, fingerprints of its inputs). Same identity
+and status 'completed': skipped. Same identity but interrupted: rerun in place, keeping its finished
+shards (resume). Different identity: its folder is cleared and it runs afresh.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+
+from pipeline import corpus, evaluate, export, prep, sdg, train
+from pipeline.config import RetrofitConfig, dump_config
+from pipeline.rundir import RunDir, StageRecorder
+
+BATCH_STAGES = ("corpus", "sdg", "prep", "train", "eval", "export")
+MODULES = {"corpus": corpus, "sdg": sdg, "prep": prep, "train": train, "eval": evaluate, "export": export}
+# Which config sections each stage reads, and which stages' outputs it consumes.
+READS = {"corpus": ("corpus",), "sdg": ("sdg",), "prep": ("prep",), "train": ("train",),
+         "eval": ("eval",), "export": ("export",)}
+CONSUMES = {"corpus": (), "sdg": ("corpus",), "prep": ("corpus", "sdg"), "train": ("prep",),
+            "eval": ("prep", "train"), "export": ("corpus", "sdg", "train")}
+NEEDS_RAY = {"sdg", "train"}
+
+
+def stage_identity(name: str, cfg: RetrofitConfig, run: RunDir) -> tuple[str, dict]:
+    config_hash = cfg.section_hash(*READS[name], extra={"base_model": cfg.train.base_model})
+    if name == "corpus":
+        inputs = {"corpus": corpus.input_fingerprint(cfg)}
+    else:
+        inputs = {up: run.outputs_fingerprint(up, needed_by=name) for up in CONSUMES[name]}
+    return config_hash, inputs
+
+
+def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) -> str:
+    """Run one batch stage; returns 'skipped' or 'completed' (raises on failure)."""
+    config_hash, inputs = stage_identity(name, cfg, run)
+    rec = StageRecorder(run, name, config_hash, inputs)
+    if rec.up_to_date() and not force:
+        print(f"[{name}] up to date, skipped (config and inputs unchanged)", flush=True)
+        return "skipped"
+    old = run.read_manifest(name)
+    if force or (old is not None and (old.config_hash != config_hash or old.inputs != inputs)):
+        shutil.rmtree(run.root / name, ignore_errors=True)  # stale: never mix old shards with new settings
+        rec.dir.mkdir(parents=True)
+    if name in NEEDS_RAY:
+        from pipeline.ray_runtime import ensure_ray
+
+        ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    print(f"[{name}] running", flush=True)
+    t0 = time.perf_counter()
+    with rec:
+        MODULES[name].run_stage(cfg, run, rec)
+    print(f"[{name}] completed in {time.perf_counter() - t0:.1f}s", flush=True)
+    return "completed"
+
+
+def run_all(cfg: RetrofitConfig, run: RunDir, stages=BATCH_STAGES, force: bool = False) -> dict[str, str]:
+    (run.root / "config.yaml").write_text(dump_config(cfg))
+    return {name: run_stage(name, cfg, run, force=force) for name in stages}
+
+
+def smoke_serve(cfg: RetrofitConfig, run: RunDir, query: str, keep_serving: bool = False) -> dict:
+    """Start the endpoint on the exported model, embed one query over HTTP, then stop (unless kept)."""
+    import json
+
+    from pipeline.ray_runtime import ensure_ray
+    from serve import app, client
+
+    run.require("export", "serve")
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    export_dir = str(run.root / "export" / "onnx")
+    url = app.start(export_dir, f"retrofit-{run.root.name}", cfg.serve)
+    try:
+        vectors = client.embed(url, [query])
+        info = {"url": url, "query": query, "dimension": len(vectors[0]), "status": "answered"}
+        (run.stage_dir("serve") / "manifest.json").write_text(json.dumps(info, indent=2))
+        print(f"[serve] {url}/v1/embeddings answered {query!r} with a {len(vectors[0])}-d vector: "
+              f"[{', '.join(f'{x:.4f}' for x in vectors[0][:4])}, ...]", flush=True)
+        if keep_serving:
+            print(f"[serve] serving at {url} (Ctrl-C to stop)", flush=True)
+            while True:
+                time.sleep(3600)
+        return info
+    except KeyboardInterrupt:
+        return {"url": url, "status": "stopped"}
+    finally:
+        app.stop()
+        print("[serve] endpoint stopped", file=sys.stderr, flush=True)

@@ -1,0 +1,211 @@
+"""SDG stage: an LLM writes search queries for each chunk (synthetic data generation).
+
+The LLM worker is a plain class: it loads one engine, takes a shard (a row range of chunks.parquet),
+generates `queries_per_chunk` queries per chunk in batches, and writes the shard's QA rows to
+`sdg/shards/shard-NNNNN.parquet` atomically. A finished shard file is never redone, which makes a
+rerun after a crash resume exactly; QA ids are derived from chunk ids, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger("retrofit.sdg")
+
+QA_SCHEMA = pa.schema([
+    ("qa_id", pa.string()), ("query", pa.string()), ("chunk_id", pa.string()), ("doc_id", pa.string()),
+    ("query_type", pa.string()), ("generator", pa.string()),
+])
+
+INSTRUCTION = "Write one search question that is answered by the text. Reply with the question only."
+# One worked example steers small instruct models to the answer format far better than rules do.
+EXAMPLE_TEXT = ("The heapq module provides an implementation of the heap queue algorithm. "
+                "heapq.heappush(heap, item) pushes the value item onto the heap, maintaining the heap invariant.")
+EXAMPLE_QUERY = "How do I push an item onto a heap with heapq.heappush?"
+
+_PREFIX = re.compile(r"^\s*(?:\d+[.)]\s*|[-*•]\s*|(?:question|query|q)\s*[:.-]\s*)", re.IGNORECASE)
+
+
+def clean_query(raw: str) -> str:
+    """First line of the model's reply, without numbering, labels or wrapping quotes."""
+    line = next((ln for ln in raw.strip().splitlines() if ln.strip()), "")
+    line = _PREFIX.sub("", line).strip().strip('"\'`').strip()
+    return re.sub(r"\s+", " ", line)
+
+
+def shard_tasks(n_rows: int, shard_size: int, done: set[int]) -> list[dict]:
+    tasks = []
+    for shard_id, start in enumerate(range(0, n_rows, shard_size)):
+        if shard_id not in done:
+            tasks.append({"shard_id": shard_id, "start": start, "stop": min(start + shard_size, n_rows)})
+    return tasks
+
+
+def finished_shards(shard_dir: Path) -> set[int]:
+    return {int(p.stem.split("-")[1]) for p in shard_dir.glob("shard-*.parquet")}
+
+
+def write_shard(table: pa.Table, shard_dir: Path, shard_id: int, summary: dict) -> None:
+    """Stats sidecar first, then the Parquet file by atomic rename: the Parquet file marks 'done'."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    (shard_dir / f"shard-{shard_id:05d}.json").write_text(json.dumps(summary))
+    final = shard_dir / f"shard-{shard_id:05d}.parquet"
+    tmp = shard_dir / f".shard-{shard_id:05d}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)  # atomic: a killed worker leaves no half shard behind
+
+
+class QueryGenerator:
+    """Holds one transformers LLM; process() turns one shard of chunks into QA rows."""
+
+    def __init__(self, llm_name: str, chunks_path: str, shard_dir: str, sdg: dict,
+                 seed: int, cpus: int = 1):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline.models import resolve_llm
+        from pipeline.ray_runtime import set_threads
+
+        set_threads(cpus)
+        llm_path = resolve_llm(llm_name)  # in the actor: on a cluster, each node converts/caches its own copy
+        self.sdg, self.seed, self.llm_name = sdg, seed, llm_name
+        self.chunks_path, self.shard_dir = chunks_path, Path(shard_dir)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.tok = AutoTokenizer.from_pretrained(llm_path)
+        self.tok.padding_side = "left"  # decoder-only batching: pad on the left so replies line up
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(self.device).eval()
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    def prompt(self, text: str) -> str:
+        if self.tok.chat_template:
+            msgs = [{"role": "user", "content": f"{INSTRUCTION}\n\nText: {EXAMPLE_TEXT}"},
+                    {"role": "assistant", "content": EXAMPLE_QUERY},
+                    {"role": "user", "content": f"{INSTRUCTION}\n\nText: {text}"}]
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        # Base (non-chat) models: a completion-style prompt with the same example.
+        return f"Text: {EXAMPLE_TEXT}\nQuestion: {EXAMPLE_QUERY}\n\nText: {text}\nQuestion:"
+
+    def fit_to_context(self, text: str) -> tuple[str, bool]:
+        """Truncate a chunk so prompt + reply fit the model's context; never send an over-long prompt."""
+        budget = self.context - self.sdg["max_new_tokens"] - 256  # 256: instruction + example
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget:
+            return text, False
+        return self.tok.decode(ids[:budget]), True
+
+    def generate(self, texts: list[str]) -> list[list[str]]:
+        """`queries_per_chunk` sampled replies per text, sharing one prefill of each prompt.
+
+        Prompts are run once to fill the KV cache, which is then repeated per sample: the prompt
+        (chunk + instructions) dominates the cost, so this is ~n times cheaper than n full prompts.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        n = self.sdg["queries_per_chunk"]
+        enc = self.tok([self.prompt(t) for t in texts], return_tensors="pt", padding=True).to(self.device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        sample = self.sdg["temperature"] > 0
+        with torch.inference_mode():
+            cache = DynamicCache()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                       past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(n)
+            out = self.model.generate(
+                input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                past_key_values=cache, max_new_tokens=self.sdg["max_new_tokens"], do_sample=sample,
+                temperature=self.sdg["temperature"] if sample else None, top_p=0.9 if sample else None,
+                pad_token_id=self.tok.pad_token_id, stop_strings=["\n"], tokenizer=self.tok)
+        replies = self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        return [replies[i * n:(i + 1) * n] for i in range(len(texts))]
+
+    def process(self, task: dict) -> dict:
+        import torch
+
+        from pipeline.corpus import passage_text
+
+        shard_id = int(task["shard_id"])
+        torch.manual_seed(self.seed * 100_003 + shard_id)  # same shard, same queries, whatever the actor
+        chunks = pq.read_table(self.chunks_path, memory_map=True).slice(
+            int(task["start"]), int(task["stop"]) - int(task["start"])).to_pylist()
+        rows, stats = [], {"truncated": 0, "too_short": 0, "too_long": 0, "not_a_question": 0, "duplicate": 0}
+        bs = self.sdg["batch_size"]
+        for i in range(0, len(chunks), bs):
+            batch = chunks[i:i + bs]
+            texts = []
+            for c in batch:
+                text, cut = self.fit_to_context(passage_text(c["title"], c["text"]))
+                stats["truncated"] += cut
+                texts.append(text)
+            for chunk, replies in zip(batch, self.generate(texts)):
+                seen: set[str] = set()
+                for j, reply in enumerate(replies):
+                    q = clean_query(reply)
+                    if len(q) < self.sdg["min_query_chars"]:
+                        stats["too_short"] += 1
+                    elif len(q) > self.sdg["max_query_chars"]:
+                        stats["too_long"] += 1
+                    elif "?" not in q:  # chatter ("Sure, here is...") rather than a question
+                        stats["not_a_question"] += 1
+                    elif q.lower() in seen:
+                        stats["duplicate"] += 1
+                    else:
+                        seen.add(q.lower())
+                        rows.append({"qa_id": f"{chunk['chunk_id']}::q{j}", "query": q,
+                                     "chunk_id": chunk["chunk_id"], "doc_id": chunk["doc_id"],
+                                     "query_type": "question", "generator": self.llm_name})
+        summary = {"shard_id": shard_id, "chunks": len(chunks), "queries": len(rows), **stats}
+        write_shard(pa.Table.from_pylist(rows, QA_SCHEMA), self.shard_dir, shard_id, summary)
+        return summary
+
+
+def run_stage(cfg, run, rec) -> None:
+    chunks_path = run.root / "corpus" / "chunks.parquet"
+    n_chunks = pq.ParquetFile(chunks_path).metadata.num_rows
+    shard_dir = rec.dir / "shards"
+    done = finished_shards(shard_dir) if shard_dir.exists() else set()
+    tasks = shard_tasks(n_chunks, cfg.sdg.shard_size, done)
+    if done:
+        print(f"[sdg] resuming: {len(done)} finished shard(s) kept, {len(tasks)} to go", flush=True)
+    from pipeline.ray_runtime import map_shards
+
+    t0 = time.perf_counter()
+    fresh = list(map_shards(
+        QueryGenerator, tasks, use_ray=True, num_actors=cfg.sdg.num_actors, num_cpus=cfg.sdg.cpus_per_actor,
+        num_gpus=cfg.sdg.gpus_per_actor, label="sdg",
+        ctor_kwargs={"llm_name": cfg.sdg.llm, "chunks_path": str(chunks_path), "shard_dir": str(shard_dir),
+                     "sdg": cfg.sdg.model_dump(), "seed": cfg.seed, "cpus": cfg.sdg.cpus_per_actor}))
+    seconds = time.perf_counter() - t0
+    rec.phase("generate")
+
+    shards = sorted(shard_dir.glob("shard-*.parquet"))
+    qa = pa.concat_tables([pq.read_table(p, schema=QA_SCHEMA) for p in shards])
+    pq.write_table(qa, rec.output("qa.parquet"))
+    totals: dict[str, int] = {}
+    for p in shards:
+        for k, v in json.loads(p.with_suffix(".json").read_text()).items():
+            if k != "shard_id":
+                totals[k] = totals.get(k, 0) + int(v)
+    fresh_chunks = sum(int(r["chunks"]) for r in fresh)
+    fresh_queries = sum(int(r["queries"]) for r in fresh)
+    rec.manifest.counts = {**totals, "qa_pairs": qa.num_rows, "shards": len(shards), "resumed_shards": len(done),
+                           "chunks_per_s": round(fresh_chunks / seconds, 3) if seconds and fresh else None,
+                           "queries_per_s": round(fresh_queries / seconds, 3) if seconds and fresh else None}
+    dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "not_a_question", "duplicate", "truncated")}
+    print(f"[sdg] {qa.num_rows} queries for {totals.get('chunks', 0)} chunks; dropped/flagged: {dropped}")
+    for q in qa.column("query").to_pylist()[:: max(1, qa.num_rows // 3)][:3]:
+        print(f"[sdg]   e.g. {q}")
+    if qa.num_rows == 0:
+        raise ValueError("the LLM produced no usable query; see the drop counts in sdg/manifest.json")

@@ -1,0 +1,118 @@
+"""Ray Serve application: the exported ONNX embedder behind an OpenAI-compatible /v1/embeddings.
+
+Requests are batched across callers with @serve.batch; each replica holds one ONNX Runtime session.
+"""
+
+
+import base64
+import logging
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+log = logging.getLogger("retrofit.serve")
+APP_NAME = "retrofit"
+
+api = FastAPI(title="Retrofit embeddings")
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+
+
+@serve.deployment(name="EmbeddingService")
+@serve.ingress(api)
+class EmbeddingService:
+    def __init__(self, export_dir: str, model_name: str, max_inputs: int, max_input_chars: int,
+                 max_batch_size: int, batch_wait_timeout_s: float, threads: int = 1):
+        from pipeline.export import OnnxEmbedder
+
+        self.embedder = OnnxEmbedder(export_dir, threads=threads)
+        self.model_name, self.max_inputs, self.max_input_chars = model_name, max_inputs, max_input_chars
+        self._embed_batch.set_max_batch_size(max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
+        flat = [t for texts in requests for t in texts]
+        emb = self.embedder.encode(flat)
+        out, i = [], 0
+        for texts in requests:
+            out.append(emb[i:i + len(texts)])
+            i += len(texts)
+        return out
+
+    def _validate(self, body):
+        if not isinstance(body, dict) or "input" not in body:
+            return _error(400, "request body must be a JSON object with an 'input' field")
+        texts = body["input"]
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return _error(400, "'input' must be a string or a list of strings")
+        if not texts:
+            return _error(400, "'input' is empty")
+        if any(not t.strip() for t in texts):
+            return _error(400, f"'input' holds an empty string (index {next(i for i, t in enumerate(texts) if not t.strip())})")
+        if len(texts) > self.max_inputs:
+            return _error(413, f"{len(texts)} inputs exceed the limit of {self.max_inputs} per request")
+        too_long = [i for i, t in enumerate(texts) if len(t) > self.max_input_chars]
+        if too_long:
+            return _error(413, f"input {too_long[0]} has more than {self.max_input_chars} characters")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            return _error(400, "'encoding_format' must be 'float' or 'base64'")
+        return texts, fmt
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        try:
+            body = await request.json()
+        except Exception:
+            return _error(400, "request body is not valid JSON")
+        checked = self._validate(body)
+        if isinstance(checked, JSONResponse):
+            return checked
+        texts, fmt = checked
+        emb = await self._embed_batch(texts)
+        data = []
+        for i, vec in enumerate(emb):
+            value = base64.b64encode(vec.astype("<f4").tobytes()).decode() if fmt == "base64" else vec.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        n_tokens = sum(len(t.split()) for t in texts)  # whitespace tokens: a cheap, stable usage figure
+        return {"object": "list", "data": data, "model": self.model_name,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    @api.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "retrofit",
+                                            "dimension": self.embedder.dimension}]}
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+
+def build_app(export_dir: str, model_name: str, serve_cfg):
+    deployment = EmbeddingService.options(
+        num_replicas=serve_cfg.num_replicas,
+        ray_actor_options={"num_cpus": serve_cfg.cpus_per_replica},
+        # Ray's default of 5 ongoing requests per replica would silently cap batch sizes.
+        max_ongoing_requests=max(2 * serve_cfg.max_batch_size, 16),
+    )
+    return deployment.bind(export_dir, model_name, serve_cfg.max_inputs, serve_cfg.max_input_chars,
+                           serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s,
+                           max(1, int(serve_cfg.cpus_per_replica)))
+
+
+def start(export_dir: str, model_name: str, serve_cfg) -> str:
+    """Deploy on the current Ray (embedded or cluster) and return the endpoint's base URL."""
+    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+    serve.run(build_app(export_dir, model_name, serve_cfg), name=APP_NAME, route_prefix="/")
+    return f"http://{serve_cfg.host}:{serve_cfg.port}"
+
+
+def stop() -> None:
+    serve.shutdown()

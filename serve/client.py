@@ -1,0 +1,31 @@
+"""A small client for the OpenAI-compatible embedding endpoint."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import requests
+
+
+class EndpointError(RuntimeError):
+    pass
+
+
+def embed(url: str, texts: list[str], model: str | None = None, encoding_format: str = "float",
+          timeout: float = 60.0, token: str | None = None) -> list[list[float]]:
+    body = {"input": texts, "encoding_format": encoding_format}
+    if model:
+        body["model"] = model
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    r = requests.post(f"{url.rstrip('/')}/v1/embeddings", json=body, timeout=timeout, headers=headers)
+    if r.status_code != 200:
+        try:
+            message = r.json()["error"]["message"]
+        except Exception:
+            message = r.text[:200]
+        raise EndpointError(f"{url} answered {r.status_code}: {message}")
+    data = sorted(r.json()["data"], key=lambda d: d["index"])
+    if encoding_format == "base64":
+        return [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4").tolist() for d in data]
+    return [d["embedding"] for d in data]
