@@ -28,7 +28,7 @@ class CorpusConfig(Section):
     chunk_overlap: int = Field(32, ge=0, description="Tokens shared by neighbouring chunks.")
     prechunked: bool = Field(False, description="Rows are already chunks: keep their ids, do not re-chunk.")
     max_docs: int | None = Field(None, ge=1, description="Use only the first N documents (demos, subsets).")
-    sample_docs: int = Field(40, ge=1, description="Documents in the built-in sample corpus.")
+    sample_docs: int = Field(24, ge=1, description="Documents in the built-in sample corpus.")
 
     @model_validator(mode="after")
     def _overlap_below_length(self):
@@ -134,7 +134,8 @@ class RetrofitConfig(Section):
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "cpu-small": {},
+    # Two single-threaded LLM actors use a 2-core machine better than one two-threaded actor.
+    "cpu-small": {"sdg": {"num_actors": 2}},
     "gpu-h200": {
         "sdg": {"gpus_per_actor": 1.0, "batch_size": 64, "shard_size": 512},
         "prep": {"batch_size": 512},

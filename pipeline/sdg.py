@@ -121,11 +121,11 @@ class QueryGenerator:
             cache = DynamicCache()
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                       past_key_values=cache, use_cache=True)
+                       cache=cache, use_cache=True)
             cache.batch_repeat_interleave(n)
             out = self.model.generate(
                 input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                past_key_values=cache, max_new_tokens=self.sdg["max_new_tokens"], do_sample=sample,
+                cache=cache, max_new_tokens=self.sdg["max_new_tokens"], do_sample=sample,
                 temperature=self.sdg["temperature"] if sample else None, top_p=0.9 if sample else None,
                 pad_token_id=self.tok.pad_token_id, stop_strings=["\n"], tokenizer=self.tok)
         replies = self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)

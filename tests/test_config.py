@@ -1,0 +1,46 @@
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def test_defaults_are_valid_and_overrides_apply(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-5", "sdg.queries_per_chunk=2", "ray.address=null"])
+    assert cfg.train.lr == 1e-5 and cfg.sdg.queries_per_chunk == 2 and cfg.ray.address is None
+    assert cfg.corpus.path == "sample"
+
+
+def test_yaml_then_flags_and_profile(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("profile: gpu-h200\ntrain:\n  epochs: 5\n")
+    cfg = load_config(f, ["train.batch_size=64"])
+    assert cfg.train.use_gpu is True          # from the profile
+    assert cfg.train.epochs == 5              # the file beats the profile
+    assert cfg.train.batch_size == 64         # the flag beats both
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.lr=-1", "train.lr"),
+    ("sdg.backend=llamacpp", "sdg.backend"),
+    ("train.lerning_rate=1", "train.lerning_rate"),
+    ("prep.test_fraction=0.95", "prep"),
+    ("corpus.chunk_overlap=500", "corpus"),
+])
+def test_errors_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert field in str(e.value)
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_section_hash_changes_only_with_its_section():
+    a, b = load_config(None), load_config(None, ["train.lr=1e-4"])
+    assert a.section_hash("sdg") == b.section_hash("sdg")
+    assert a.section_hash("train") != b.section_hash("train")

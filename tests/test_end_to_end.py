@@ -1,0 +1,108 @@
+"""All six stages on ~20 real documents with the packaged models, through the CLI, on an embedded Ray."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import free_port
+
+SETTINGS = ["corpus.sample_docs=20", "corpus.chunk_tokens=256", "corpus.chunk_overlap=16",
+            "sdg.queries_per_chunk=2", "sdg.shard_size=8", "sdg.num_actors=2", "train.batch_size=8",
+            "train.max_passage_tokens=128", "train.negatives_per_query=2", "export.parity_texts=50"]
+
+
+def retrofit(*args, timeout=1500):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"retrofit {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    overrides = [a for s in SETTINGS + [f"serve.port={free_port()}"] for a in ("--set", s)]
+    output = retrofit("run", "--corpus", "sample", "--out", str(run), *overrides)
+    return run, output, overrides
+
+
+def manifest(run, stage):
+    return json.loads((run / stage / "manifest.json").read_text())
+
+
+def test_every_stage_completed_with_its_artifacts(run_dir):
+    run, output, _ = run_dir
+    for stage in ("corpus", "sdg", "prep", "train", "eval", "export"):
+        m = manifest(run, stage)
+        assert m["status"] == "completed", stage
+        assert m["config_hash"] and m["timings"]["total"] > 0 and m["versions"]["torch"]
+    assert manifest(run, "corpus")["counts"]["documents"] == 20
+
+    chunks = pq.read_table(run / "corpus" / "chunks.parquet")
+    qa = pq.read_table(run / "sdg" / "qa.parquet")
+    assert chunks.num_rows >= 20 and qa.num_rows >= chunks.num_rows  # ~2 queries per chunk survive
+    assert set(qa.column("chunk_id").to_pylist()) <= set(chunks.column("chunk_id").to_pylist())
+    assert len(set(qa.column("qa_id").to_pylist())) == qa.num_rows
+
+    splits = {s: pq.read_table(run / "prep" / f"{s}.parquet").to_pylist() for s in ("train", "val", "test")}
+    assert all(splits[s] for s in splits)
+    docs = {s: {r["positive_id"].split("#")[0] for r in rows} for s, rows in splits.items()}
+    assert docs["train"].isdisjoint(docs["test"]) and docs["train"].isdisjoint(docs["val"])
+    train_negs = {n.split("#")[0] for r in splits["train"] for n in r["negative_ids"]}
+    assert train_negs.isdisjoint(docs["test"])  # no test chunk in any training row
+    assert any(r["negative_ids"] for r in splits["train"])
+    beir = run / "prep" / "beir_test"
+    assert sum(1 for _ in open(beir / "queries.jsonl")) == len(splits["test"])
+
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(run / "train" / "model"), device="cpu")
+    assert (run / "train" / "model" / "model.safetensors").exists()
+    assert model.encode(["hello"]).shape == (1, 384)
+    assert manifest(run, "train")["counts"]["steps"] >= 1
+
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"base", "fine-tuned", "delta"} <= set(metrics)
+    assert np.isclose(metrics["delta"]["ndcg@10"], metrics["fine-tuned"]["ndcg@10"] - metrics["base"]["ndcg@10"],
+                      atol=1e-4)
+    assert "ndcg@10" in output and "fine-tuned" in output  # the table was printed
+
+    parity = json.loads((run / "export" / "parity.json").read_text())
+    assert parity["passed"] and parity["min_cosine"] >= 0.9999 and parity["texts"] >= 50
+    assert (run / "export" / "onnx" / "model.onnx").stat().st_size > 1_000_000
+
+    served = json.loads((run / "serve" / "manifest.json").read_text())
+    assert served["status"] == "answered" and served["dimension"] == 384
+    assert "/v1/embeddings answered" in output
+
+
+def test_rerun_skips_every_up_to_date_stage(run_dir):
+    run, _, overrides = run_dir
+    before = {s: manifest(run, s)["finished_at"] for s in ("corpus", "sdg", "prep", "train", "eval", "export")}
+    output = retrofit("run", "--corpus", "sample", "--out", str(run), "--no-serve", *overrides)
+    assert output.count("up to date, skipped") == 6
+    assert before == {s: manifest(run, s)["finished_at"] for s in before}
+
+
+def test_interrupted_sdg_resumes_only_missing_shards(run_dir):
+    run, _, overrides = run_dir
+    shards = sorted((run / "sdg" / "shards").glob("shard-*.parquet"))
+    assert len(shards) >= 3
+    lost = shards[1]
+    kept = {p: p.stat().st_mtime_ns for p in shards if p != lost}
+    lost_rows = pq.read_table(lost).num_rows
+    total = pq.read_table(run / "sdg" / "qa.parquet").num_rows
+    # Simulate a crash mid-stage: the manifest still says running, one shard never got written.
+    m = manifest(run, "sdg")
+    m["status"] = "running"
+    (run / "sdg" / "manifest.json").write_text(json.dumps(m))
+    lost.unlink()
+    output = retrofit("sdg", "--out", str(run), *overrides)
+    assert f"{len(kept)} finished shard(s) kept, 1 to go" in output
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished shards untouched
+    qa = pq.read_table(run / "sdg" / "qa.parquet")
+    assert qa.num_rows == total - lost_rows + pq.read_table(lost).num_rows
+    assert len(set(qa.column("qa_id").to_pylist())) == qa.num_rows  # nothing duplicated

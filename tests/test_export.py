@@ -1,0 +1,43 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.export import OnnxEmbedder, export_onnx, parity
+
+TEXTS = ["json.dumps serialises obj to a JSON formatted str", "x",
+         "Bug CSCwx12345 affects firmware 17.9.4a on RT-4410 routers " * 12]
+
+
+@pytest.fixture(scope="module")
+def exported(base_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(base_model, out, opset=17)
+    return out
+
+
+def test_onnx_graph_alone_gives_normalised_embeddings_matching_torch(base_model, exported):
+    info = json.loads((exported / "export.json").read_text())
+    assert info["dimension"] == 384 and info["pooling"] == "mean" and info["opset"] == 17
+    emb = OnnxEmbedder(exported).encode(TEXTS)
+    assert emb.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    single = OnnxEmbedder(exported).encode(TEXTS[:1])  # batch of one: no padding, other sequence length
+    assert np.allclose(single[0], emb[0], atol=1e-5)
+    report = parity(base_model, exported, TEXTS)
+    assert report["min_cosine"] >= 0.9999
+
+
+def test_parity_gate_catches_a_diverging_model(base_model, exported, tmp_path):
+    """An export that does not match the torch model (here: perturbed weights) must fail the gate."""
+    import torch
+
+    from pipeline.encode import load_model
+
+    st = load_model(base_model, device="cpu")
+    with torch.no_grad():
+        for p in st.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    st.save(str(tmp_path / "perturbed"))
+    report = parity(tmp_path / "perturbed", exported, TEXTS)
+    assert report["min_cosine"] < 0.9999

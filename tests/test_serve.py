@@ -1,0 +1,65 @@
+"""The Ray Serve endpoint, over real HTTP on 127.0.0.1."""
+import base64
+
+import numpy as np
+import pytest
+import requests
+
+from pipeline.config import load_config
+from pipeline.export import OnnxEmbedder, export_onnx
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def endpoint(base_model, tmp_path_factory, ray_local):
+    from serve import app
+
+    export_dir = tmp_path_factory.mktemp("onnx")
+    export_onnx(base_model, export_dir, opset=17)
+    cfg = load_config(None, [f"serve.port={free_port()}", "serve.max_inputs=4", "serve.max_input_chars=50"])
+    url = app.start(str(export_dir), "test-model", cfg.serve)
+    yield url, export_dir
+    app.stop()
+
+
+def test_embeddings_match_the_exported_model(endpoint):
+    url, export_dir = endpoint
+    r = requests.post(f"{url}/v1/embeddings", json={"input": ["hello world", "json.dumps"], "model": "test-model"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == "test-model"
+    got = np.array([d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])])
+    want = OnnxEmbedder(export_dir).encode(["hello world", "json.dumps"])
+    assert got.shape == (2, 384) and np.allclose(got, want, atol=1e-5)
+
+
+def test_string_input_and_base64(endpoint):
+    url, _ = endpoint
+    r = requests.post(f"{url}/v1/embeddings", json={"input": "hello world", "encoding_format": "base64"})
+    assert r.status_code == 200
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"input": []}, 400, "empty"),
+    ({"input": ""}, 400, "empty string"),
+    ({"input": [1, 2]}, 400, "string"),
+    ({"text": "x"}, 400, "'input'"),
+    ({"input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
+    ({"input": ["a"] * 5}, 413, "limit of 4"),
+    ({"input": "y" * 51}, 413, "50 characters"),
+])
+def test_bad_requests_get_clear_errors(endpoint, body, status, words):
+    url, _ = endpoint
+    r = requests.post(f"{url}/v1/embeddings", json=body)
+    assert r.status_code == status
+    assert words in r.json()["error"]["message"]
+
+
+def test_models_and_health(endpoint):
+    url, _ = endpoint
+    assert requests.get(f"{url}/health").json() == {"status": "ok"}
+    models = requests.get(f"{url}/v1/models").json()["data"]
+    assert models[0]["id"] == "test-model" and models[0]["dimension"] == 384
+    assert requests.post(f"{url}/v1/embeddings", data="not json").status_code == 400
