@@ -43,7 +43,7 @@ def test_every_stage_completed_with_its_artifacts(run_dir):
 
     chunks = pq.read_table(run / "corpus" / "chunks.parquet")
     qa = pq.read_table(run / "sdg" / "qa.parquet")
-    assert chunks.num_rows >= 20 and qa.num_rows >= chunks.num_rows  # ~2 queries per chunk survive
+    assert chunks.num_rows >= 20 and qa.num_rows >= chunks.num_rows // 2  # most chunks keep a query
     assert set(qa.column("chunk_id").to_pylist()) <= set(chunks.column("chunk_id").to_pylist())
     assert len(set(qa.column("qa_id").to_pylist())) == qa.num_rows
 
