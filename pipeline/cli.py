@@ -53,9 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--beir DIR: evaluate that BEIR folder with --model (default: the base "
                                    "model) and write the metrics JSON to --out.")
     _common(p, out_help="Run directory; with --beir, the JSON file to write.")
-    p.add_argument("--beir", metavar="DIR", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv.")
+    p.add_argument("--beir", metavar="DIR", action="append", default=[],
+                   help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv (repeatable).")
     p.add_argument("--model", metavar="PATH", action="append", default=[],
-                   help="Model folder or packaged name (repeatable); default: the configured base model.")
+                   help="Model to compare (repeatable): a packaged name, a sentence-transformers folder or an "
+                        "exported ONNX folder (e.g. RUN/export/onnx). Default: the configured base model. "
+                        "The first one is the baseline the others are compared with.")
+    p.add_argument("--endpoint", metavar="URL", action="append", default=[],
+                   help="A served endpoint to evaluate too (e.g. http://127.0.0.1:8000; repeatable).")
+    p.add_argument("--report", metavar="DIR", help="With --beir: also write report.md, metrics.png and "
+                   "per_query.parquet (one subfolder per dataset).")
 
     p = sub.add_parser("serve", help="Serve the exported model at /v1/embeddings (Ray Serve).",
                        description="Serve RUN_DIR/export/onnx over HTTP until Ctrl-C (host and port from "
@@ -88,17 +95,31 @@ def _config(args):
 
 
 def _eval_beir(args, cfg) -> None:
-    from pipeline.evaluate import evaluate_models, format_table
+    from pipeline.evaluate import evaluate_models, format_table, print_wins_and_losses, write_report
     from pipeline.models import cache_dir, resolve_embedder
 
-    names = args.model or [cfg.train.base_model]
-    models = {name: resolve_embedder(name) for name in names}
-    means, _ = evaluate_models(args.beir, models, cfg.eval.top_k, cache_dir() / "eval", cfg.eval.batch_size)
-    print(format_table(means))
+    models = {name: resolve_embedder(name) for name in (args.model or [cfg.train.base_model])}
+    models.update({url: url for url in args.endpoint})
+    baseline = next(iter(models))
+    results = {}
+    for beir in args.beir:
+        name = Path(beir).resolve().name
+        result = evaluate_models(beir, models, cfg.eval.top_k, cache_dir() / "eval", cfg.eval.batch_size)
+        print(f"\n{name} ({len(result.data.qrels)} queries, {len(result.data.corpus)} documents)")
+        print(format_table(result.means))
+        results[name] = result.means
+        if args.report and len(models) > 1:
+            out = Path(args.report) / name
+            out.mkdir(parents=True, exist_ok=True)
+            write_report(result, out, f"Retrieval on {name}", base=baseline)
+            for other in list(models)[1:]:
+                print_wins_and_losses(result, baseline, other)
+            print(f"report: {out / 'report.md'}")
     if args.out and args.out != "runs/latest":
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(means, indent=2))
+        # One dataset: {model: metrics}; several: {dataset: {model: metrics}}.
+        out.write_text(json.dumps(next(iter(results.values())) if len(results) == 1 else results, indent=2))
         print(f"wrote {out}")
 
 

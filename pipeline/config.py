@@ -40,7 +40,10 @@ class CorpusConfig(Section):
 class SDGConfig(Section):
     backend: Literal["transformers"] = Field("transformers", description="LLM engine that writes the queries.")
     llm: str = Field("smollm2", description="'smollm2', 'gemma3' (packaged GGUF) or a HF model folder.")
-    queries_per_chunk: int = Field(3, ge=1, le=20)
+    query_types: dict[str, int] = Field(default_factory=lambda: {"question": 2, "keyword": 1},
+                                        description="Queries per chunk of each type (question, claim, keyword, "
+                                                    "... as defined in the prompts file).")
+    prompts: str | None = Field(None, description="YAML file of query-type prompts (default: pipeline/prompts.yaml).")
     max_new_tokens: int = Field(48, ge=8, le=2048, description="Reply length cap (a query is one line).")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding.")
     batch_size: int = Field(8, ge=1, description="Chunks per generate() call.")
@@ -50,6 +53,12 @@ class SDGConfig(Section):
     gpus_per_actor: float = Field(0.0, ge=0.0)
     min_query_chars: int = Field(8, ge=1)
     max_query_chars: int = Field(300, ge=8)
+
+    @model_validator(mode="after")
+    def _some_queries(self):
+        if any(n < 0 or n > 20 for n in self.query_types.values()) or sum(self.query_types.values()) == 0:
+            raise ValueError("query_types: counts must be 0-20 per type and ask for at least one query")
+        return self
 
 
 class PrepConfig(Section):
@@ -72,7 +81,7 @@ class PrepConfig(Section):
 
 class TrainConfig(Section):
     base_model: str = Field("minilm", description="'minilm' (packaged all-MiniLM-L6-v2) or a model folder.")
-    epochs: int = Field(1, ge=1, le=100)
+    epochs: int = Field(3, ge=1, le=100)
     batch_size: int = Field(16, ge=2, description="Queries per step per worker.")
     lr: float = Field(2e-5, gt=0.0, lt=1.0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
@@ -199,7 +208,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     profile = data.get("profile", "cpu-small")
     if profile not in PROFILES:
         raise ConfigError(f"invalid config ({source}):\n  profile: must be one of {sorted(PROFILES)} (got {profile!r})")
-    data = _deep_merge(PROFILES[profile], data)
+    # Merge onto the full defaults so a dict field (sdg.query_types) is extended, not replaced, by a flag.
+    data = _deep_merge(_deep_merge(RetrofitConfig().model_dump(mode="json"), PROFILES[profile]), data)
     try:
         return RetrofitConfig.model_validate(data)
     except ValidationError as e:

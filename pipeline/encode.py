@@ -1,6 +1,7 @@
 """Embedding texts with a sentence-transformers model: the one place every stage encodes through.
 
-`encode_parquet` embeds one text column of a Parquet table in shards, through Ray Data actors when
+Models may be sentence-transformers folders, exported ONNX folders or a served endpoint's URL, so the
+same evaluation compares all of them. `encode_parquet` embeds one text column of a Parquet table in shards, through Ray Data actors when
 the table is large (one model per actor) or in-process when small; shards are written as .npy files
 into a cache folder named by the model's and the table's fingerprints, so a changed model or corpus
 never reuses stale embeddings and an interrupted encode resumes.
@@ -9,6 +10,7 @@ never reuses stale embeddings and an interrupted encode resumes.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,52 @@ def load_model(model_path: str, device: str | None = None):
     return SentenceTransformer(model_path, device=device, local_files_only=True)
 
 
+class _SentenceTransformerEncoder:
+    def __init__(self, path: str, batch_size: int):
+        self.model, self.batch_size = load_model(path), batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+
+class _OnnxEncoder:
+    def __init__(self, path: str, batch_size: int, threads: int):
+        from pipeline.export import OnnxEmbedder
+
+        self.model, self.batch_size = OnnxEmbedder(path, threads=threads), batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, self.batch_size)
+
+
+class _EndpointEncoder:
+    def __init__(self, url: str, batch_size: int):
+        self.url, self.batch_size = url, batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        from serve.client import embed
+
+        out = [embed(self.url, texts[i:i + self.batch_size], encoding_format="base64")
+               for i in range(0, len(texts), self.batch_size)]
+        return np.asarray([v for chunk in out for v in chunk], np.float32)
+
+
+def is_endpoint(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def make_encoder(spec: str, batch_size: int = 64, threads: int | None = None):
+    """A sentence-transformers folder, an exported ONNX folder (has export.json) or an endpoint URL."""
+    if is_endpoint(spec):
+        return _EndpointEncoder(spec, batch_size)
+    if (Path(spec) / "export.json").exists():
+        import os
+
+        return _OnnxEncoder(spec, batch_size, threads or os.cpu_count() or 1)
+    return _SentenceTransformerEncoder(spec, batch_size)
+
+
 def texts_of(table, kind: str) -> list[str]:
     """'passage' rows are chunks (title + text); 'query' rows have a `query` column."""
     if kind == "passage":
@@ -39,17 +87,13 @@ class EncodeWorker:
                  cpus: int | None = None):
         if cpus is not None:  # inside a Ray actor: use exactly the CPUs it was given
             set_threads(cpus)
-        self.model = load_model(model_path)
-        self.table_path, self.kind, self.out_dir, self.batch_size = table_path, kind, Path(out_dir), batch_size
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+        self.encoder = make_encoder(model_path, batch_size, threads=cpus)
+        self.table_path, self.kind, self.out_dir = table_path, kind, Path(out_dir)
 
     def process(self, task: dict) -> dict:
         start, stop = int(task["start"]), int(task["stop"])
         table = pq.read_table(self.table_path, memory_map=True).slice(start, stop - start)
-        emb = self.encode(texts_of(table, self.kind))
+        emb = self.encoder.encode(texts_of(table, self.kind))
         tmp = self.out_dir / f".{task['shard_id']:05d}.tmp.npy"
         np.save(tmp, emb)
         tmp.rename(self.out_dir / f"{int(task['shard_id']):05d}.npy")
@@ -62,7 +106,9 @@ def encode_parquet(model_path: str, table_path: str | Path, kind: str, cache_roo
     """Normalised float32 embeddings of every row of `table_path`, in row order."""
     table_path = Path(table_path)
     n_rows = pq.ParquetFile(table_path).metadata.num_rows
-    key = f"{kind}-{tree_fingerprint(Path(model_path))}-{tree_fingerprint(table_path)}"
+    # An endpoint has no fingerprint: its embeddings are never cached (a fresh key each call).
+    model_key = f"url{time.time_ns()}" if is_endpoint(model_path) else tree_fingerprint(Path(model_path))
+    key = f"{kind}-{model_key}-{tree_fingerprint(table_path)}"
     out_dir = Path(cache_root) / key
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (n_rows + SHARD_ROWS - 1) // SHARD_ROWS
@@ -77,7 +123,10 @@ def encode_parquet(model_path: str, table_path: str | Path, kind: str, cache_roo
         pass
     if n_rows == 0:
         return np.zeros((0, 0), np.float32)
-    return np.concatenate([np.load(out_dir / f"{i:05d}.npy") for i in range(n_shards)])
+    emb = np.concatenate([np.load(out_dir / f"{i:05d}.npy") for i in range(n_shards)])
+    if is_endpoint(model_path):
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return emb
 
 
 def clear_cache(cache_root: str | Path) -> None:

@@ -7,6 +7,7 @@ Any BEIR folder works (corpus.jsonl, queries.jsonl, qrels/test.tsv). Documents a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,17 +66,27 @@ def load_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def load_beir(folder: str | Path) -> tuple[list[dict], dict[str, str], dict[str, dict[str, int]]]:
+@dataclass
+class BeirData:
+    corpus: list[dict]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    query_types: dict[str, str]  # from queries.jsonl's optional `query_type` field
+
+
+def load_beir(folder: str | Path) -> BeirData:
     folder = Path(folder)
     if not folder.is_dir():
         raise BeirFormatError(f"{folder}: not a folder")
     corpus = _read_jsonl(folder / "corpus.jsonl", ("_id", "text"))
-    queries = {str(q["_id"]): q["text"] for q in _read_jsonl(folder / "queries.jsonl", ("_id", "text"))}
+    query_rows = _read_jsonl(folder / "queries.jsonl", ("_id", "text"))
+    queries = {str(q["_id"]): q["text"] for q in query_rows}
     qrels = load_qrels(folder / "qrels" / "test.tsv")
     qrels = {q: d for q, d in qrels.items() if q in queries}
     if not qrels:
         raise BeirFormatError(f"{folder}: no query in qrels/test.tsv appears in queries.jsonl")
-    return corpus, queries, qrels
+    types = {str(q["_id"]): str(q.get("query_type") or "all") for q in query_rows if str(q["_id"]) in qrels}
+    return BeirData(corpus, queries, qrels, types)
 
 
 def compute_metrics(qrels: dict, run: dict) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -98,6 +109,7 @@ def compute_metrics(qrels: dict, run: dict) -> tuple[dict[str, float], dict[str,
 
 def retrieve(model_path: str, corpus: list[dict], queries: dict[str, str], qids: list[str], top_k: int,
              cache: Path, batch_size: int) -> dict[str, dict[str, float]]:
+    """Top-k documents per query, scored by cosine, for one model (any spec `make_encoder` takes)."""
     from pipeline.encode import encode_parquet
     from pipeline.prep import search
 
@@ -120,16 +132,25 @@ def retrieve(model_path: str, corpus: list[dict], queries: dict[str, str], qids:
     return run
 
 
+@dataclass
+class EvalResult:
+    data: BeirData
+    means: dict[str, dict[str, float]] = field(default_factory=dict)       # model -> metric -> mean
+    per_query: dict[str, dict[str, dict]] = field(default_factory=dict)    # model -> qid -> metric -> value
+    top_hit: dict[str, dict[str, str]] = field(default_factory=dict)       # model -> qid -> doc id
+
+
 def evaluate_models(beir_dir: str | Path, models: dict[str, str], top_k: int, cache: Path,
-                    batch_size: int = 64) -> tuple[dict[str, dict], dict[str, dict]]:
-    """{label: model_path} -> ({label: mean metrics}, {label: per-query metrics})."""
-    corpus, queries, qrels = load_beir(beir_dir)
-    qids = sorted(qrels)
-    means, per_query = {}, {}
+                    batch_size: int = 64) -> EvalResult:
+    """{label: model folder, ONNX export folder or endpoint URL} -> metrics of each on one BEIR folder."""
+    data = load_beir(beir_dir)
+    qids = sorted(data.qrels)
+    result = EvalResult(data)
     for label, path in models.items():
-        run = retrieve(path, corpus, queries, qids, top_k, cache, batch_size)
-        means[label], per_query[label] = compute_metrics(qrels, run)
-    return means, per_query
+        run = retrieve(path, data.corpus, data.queries, qids, top_k, cache, batch_size)
+        result.means[label], result.per_query[label] = compute_metrics(data.qrels, run)
+        result.top_hit[label] = {q: next(iter(run[q]), "") for q in qids}
+    return result
 
 
 def format_table(means: dict[str, dict], metrics=HEADLINE) -> str:
@@ -147,16 +168,89 @@ def format_table(means: dict[str, dict], metrics=HEADLINE) -> str:
     return "\n".join(lines)
 
 
+def wins_and_losses(result: EvalResult, base: str, other: str, metric: str = "ndcg@10", n: int = 10):
+    """The n queries `other` improved most over `base`, and the n it hurt most, with each top hit."""
+    docs = {str(d["_id"]): d for d in result.data.corpus}
+    rows = []
+    for q, scores in result.per_query[other].items():
+        delta = scores[metric] - result.per_query[base][q][metric]
+        hit = docs.get(result.top_hit[other][q], {})
+        rows.append({"query_id": q, "query": result.data.queries[q], "delta": round(delta, 4),
+                     "base_top": result.top_hit[base][q], "top_hit": result.top_hit[other][q],
+                     "top_hit_text": f"{hit.get('title') or ''} {hit.get('text', '')}".strip()[:160]})
+    rows.sort(key=lambda r: r["delta"])
+    wins = [r for r in reversed(rows) if r["delta"] > 0][:n]
+    losses = [r for r in rows if r["delta"] < 0][:n]
+    return wins, losses
+
+
+def write_report(result: EvalResult, out_dir: Path, title: str, base: str = "base") -> dict:
+    """metrics.json, report.md, metrics.png and per_query.parquet for base vs every other model."""
+    from pipeline.report import by_query_type, compare, plot_metrics
+
+    comparison = compare(result.per_query, METRICS, base=base)
+    breakdown = by_query_type(result.per_query, result.data.query_types, HEADLINE)
+    others = [m for m in result.means if m != base]
+    summary = {**result.means, "comparison": comparison, "by_query_type": breakdown}
+    if len(others) == 1:
+        summary["delta"] = {m: comparison[others[0]][m]["delta"] for m in METRICS}
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    plot_metrics(result.means, HEADLINE, out_dir / "metrics.png", title)
+
+    rows = [{"query_id": q, "query": result.data.queries[q], "query_type": result.data.query_types.get(q, "all"),
+             "model": model, "top_hit": result.top_hit[model][q], **scores}
+            for model, table in result.per_query.items() for q, scores in table.items()]
+    pq.write_table(pa.Table.from_pylist(rows), out_dir / "per_query.parquet")
+
+    lines = [f"# {title}", "", f"{len(result.data.qrels)} queries, {len(result.data.corpus)} documents.", "",
+             "```", format_table(result.means), "```", ""]
+    for other in others:
+        lines += [f"## {other} vs {base}: paired randomisation test over queries", "",
+                  "| metric | base | " + other + " | delta | relative | 95% CI | p | significant |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in METRICS:
+            c = comparison[other][m]
+            rel = f"{c['rel_delta']:+.1%}" if c["rel_delta"] is not None else "n/a"
+            lines.append(f"| {m} | {comparison[base][m]['value']:.4f} | {c['value']:.4f} | {c['delta']:+.4f} | "
+                         f"{rel} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['p_value']:.4f} | "
+                         f"{'yes' if c['significant'] else 'no'} |")
+        lines.append("")
+    lines += ["## By query type", "", "| type | queries | model | " + " | ".join(HEADLINE) + " |",
+              "|---|---|---|" + "---|" * len(HEADLINE)]
+    for t, group in breakdown.items():
+        for model in result.means:
+            lines.append(f"| {t} | {group['queries']} | {model} | "
+                         + " | ".join(f"{group[model][m]:.4f}" for m in HEADLINE) + " |")
+    lines.append("")
+    for other in others:
+        wins, losses = wins_and_losses(result, base, other)
+        for name, rows_ in (("wins", wins), ("losses", losses)):
+            lines += [f"## Largest {name} of {other} (NDCG@10 delta)", ""]
+            lines += [f"- {r['delta']:+.3f} `{r['query']}` -> top hit `{r['top_hit']}`: {r['top_hit_text']}"
+                      for r in rows_] or ["- none"]
+            lines.append("")
+    (out_dir / "report.md").write_text("\n".join(lines))
+    return summary
+
+
+def print_wins_and_losses(result: EvalResult, base: str, other: str) -> None:
+    wins, losses = wins_and_losses(result, base, other)
+    for name, rows in (("wins", wins), ("losses", losses)):
+        print(f"\nLargest {name} of {other} over {base} (NDCG@10):")
+        for r in rows:
+            print(f"  {r['delta']:+.3f}  {r['query'][:70]!r} -> {r['top_hit_text'][:70]!r}")
+
+
 def run_stage(cfg, run, rec) -> None:
     from pipeline.models import resolve_embedder
 
     models = {"base": resolve_embedder(cfg.train.base_model), "fine-tuned": str(run.root / "train" / "model")}
-    means, per_query = evaluate_models(run.root / "prep" / "beir_test", models, cfg.eval.top_k,
-                                       run.root / "cache" / "eval", cfg.eval.batch_size)
-    deltas = {m: round(means["fine-tuned"][m] - means["base"][m], 5) for m in METRICS}
-    (rec.dir / "metrics.json").write_text(json.dumps({**means, "delta": deltas}, indent=2))
-    table = format_table(means)
-    (rec.dir / "report.md").write_text(f"# Retrieval on the synthetic test split\n\n```\n{table}\n```\n")
-    print(table)
-    rec.manifest.counts = {"queries": len(per_query["base"]), "ndcg@10_base": means["base"]["ndcg@10"],
-                           "ndcg@10_fine_tuned": means["fine-tuned"]["ndcg@10"]}
+    result = evaluate_models(run.root / "prep" / "beir_test", models, cfg.eval.top_k,
+                             run.root / "cache" / "eval", cfg.eval.batch_size)
+    summary = write_report(result, rec.dir, "Retrieval on the synthetic test split")
+    print(format_table(result.means))
+    print_wins_and_losses(result, "base", "fine-tuned")
+    sig = summary["comparison"]["fine-tuned"]["ndcg@10"]
+    rec.manifest.counts = {"queries": len(result.data.qrels), "ndcg@10_base": result.means["base"]["ndcg@10"],
+                           "ndcg@10_fine_tuned": result.means["fine-tuned"]["ndcg@10"],
+                           "ndcg@10_p_value": sig["p_value"]}

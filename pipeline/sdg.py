@@ -1,7 +1,7 @@
 """SDG stage: an LLM writes search queries for each chunk (synthetic data generation).
 
 The LLM worker is a plain class: it loads one engine, takes a shard (a row range of chunks.parquet),
-generates `queries_per_chunk` queries per chunk in batches, and writes the shard's QA rows to
+generates the configured number of queries of each type per chunk in batches, and writes the shard's QA rows to
 `sdg/shards/shard-NNNNN.parquet` atomically. A finished shard file is never redone, which makes a
 rerun after a crash resume exactly; QA ids are derived from chunk ids, so nothing is duplicated.
 """
@@ -25,20 +25,49 @@ QA_SCHEMA = pa.schema([
     ("query_type", pa.string()), ("generator", pa.string()),
 ])
 
-INSTRUCTION = "Write one search question that is answered by the text. Reply with the question only."
-# One worked example steers small instruct models to the answer format far better than rules do.
-EXAMPLE_TEXT = ("The heapq module provides an implementation of the heap queue algorithm. "
-                "heapq.heappush(heap, item) pushes the value item onto the heap, maintaining the heap invariant.")
-EXAMPLE_QUERY = "How do I push an item onto a heap with heapq.heappush?"
+DEFAULT_PROMPTS = Path(__file__).with_name("prompts.yaml")
+
+
+def load_prompts(path: str | None, wanted: dict[str, int]) -> dict[str, dict]:
+    """The query-type templates (an editable YAML file); every type asked for must be defined there."""
+    import yaml
+
+    path = Path(path) if path else DEFAULT_PROMPTS
+    try:
+        prompts = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"sdg.prompts: cannot read {path}: {e}") from None
+    for qtype, n in wanted.items():
+        if n and qtype not in prompts:
+            raise ValueError(f"sdg.query_types: type {qtype!r} is not defined in {path} "
+                             f"(defined: {sorted(prompts)})")
+        missing = [k for k in ("instruction", "example_text", "example_query") if n and k not in prompts[qtype]]
+        if missing:
+            raise ValueError(f"{path}: query type {qtype!r} lacks {missing}")
+    return {t: prompts[t] for t, n in wanted.items() if n}
+
+
+def wrong_shape(query: str, spec: dict) -> bool:
+    """Chatter ("Sure, here is...") instead of the asked-for shape: a question needs '?', a claim none."""
+    if spec.get("must_contain") and spec["must_contain"] not in query:
+        return True
+    return bool(spec.get("must_not_contain") and spec["must_not_contain"] in query)
 
 _PREFIX = re.compile(r"^\s*(?:\d+[.)]\s*|[-*•]\s*|(?:question|query|q)\s*[:.-]\s*)", re.IGNORECASE)
 
 
-def clean_query(raw: str) -> str:
-    """First line of the model's reply, without numbering, labels or wrapping quotes."""
+def clean_query(raw: str, spec: dict | None = None) -> str:
+    """First line of the model's reply, without numbering, labels, lead-ins or wrapping quotes."""
+    spec = spec or {}
     line = next((ln for ln in raw.strip().splitlines() if ln.strip()), "")
     line = _PREFIX.sub("", line).strip().strip('"\'`').strip()
-    return re.sub(r"\s+", " ", line)
+    for lead_in in spec.get("strip_lead_ins", []):
+        line = re.sub(rf"^\s*{lead_in}\s*[:,]?\s*", "", line, flags=re.IGNORECASE)
+    line = re.sub(r"\s+", " ", line).strip()
+    if spec.get("first_sentence"):  # a claim: one sentence, capitalised again after a removed lead-in
+        line = re.split(r"(?<=[.!])\s+(?=[A-Z])", line, maxsplit=1)[0]
+        line = line[:1].upper() + line[1:]
+    return line
 
 
 def shard_tasks(n_rows: int, shard_size: int, done: set[int]) -> list[dict]:
@@ -77,6 +106,7 @@ class QueryGenerator:
         set_threads(cpus)
         llm_path = resolve_llm(llm_name)  # in the actor: on a cluster, each node converts/caches its own copy
         self.sdg, self.seed, self.llm_name = sdg, seed, llm_name
+        self.prompts = load_prompts(sdg["prompts"], sdg["query_types"])
         self.chunks_path, self.shard_dir = chunks_path, Path(shard_dir)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
@@ -87,14 +117,15 @@ class QueryGenerator:
         self.model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(self.device).eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
-    def prompt(self, text: str) -> str:
+    def prompt(self, text: str, spec: dict) -> str:
+        instruction, example_text, example_query = spec["instruction"], spec["example_text"], spec["example_query"]
         if self.tok.chat_template:
-            msgs = [{"role": "user", "content": f"{INSTRUCTION}\n\nText: {EXAMPLE_TEXT}"},
-                    {"role": "assistant", "content": EXAMPLE_QUERY},
-                    {"role": "user", "content": f"{INSTRUCTION}\n\nText: {text}"}]
+            msgs = [{"role": "user", "content": f"{instruction}\n\nText: {example_text}"},
+                    {"role": "assistant", "content": example_query},
+                    {"role": "user", "content": f"{instruction}\n\nText: {text}"}]
             return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         # Base (non-chat) models: a completion-style prompt with the same example.
-        return f"Text: {EXAMPLE_TEXT}\nQuestion: {EXAMPLE_QUERY}\n\nText: {text}\nQuestion:"
+        return f"{instruction}\n\nText: {example_text}\nAnswer: {example_query}\n\nText: {text}\nAnswer:"
 
     def fit_to_context(self, text: str) -> tuple[str, bool]:
         """Truncate a chunk so prompt + reply fit the model's context; never send an over-long prompt."""
@@ -104,8 +135,8 @@ class QueryGenerator:
             return text, False
         return self.tok.decode(ids[:budget]), True
 
-    def generate(self, texts: list[str]) -> list[list[str]]:
-        """`queries_per_chunk` sampled replies per text, sharing one prefill of each prompt.
+    def generate(self, texts: list[str], spec: dict, n: int) -> list[list[str]]:
+        """`n` sampled replies per text, sharing one prefill of each prompt.
 
         Prompts are run once to fill the KV cache, which is then repeated per sample: the prompt
         (chunk + instructions) dominates the cost, so this is ~n times cheaper than n full prompts.
@@ -113,8 +144,7 @@ class QueryGenerator:
         import torch
         from transformers import DynamicCache
 
-        n = self.sdg["queries_per_chunk"]
-        enc = self.tok([self.prompt(t) for t in texts], return_tensors="pt", padding=True).to(self.device)
+        enc = self.tok([self.prompt(t, spec) for t in texts], return_tensors="pt", padding=True).to(self.device)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         sample = self.sdg["temperature"] > 0
         with torch.inference_mode():
@@ -140,7 +170,7 @@ class QueryGenerator:
         torch.manual_seed(self.seed * 100_003 + shard_id)  # same shard, same queries, whatever the actor
         chunks = pq.read_table(self.chunks_path, memory_map=True).slice(
             int(task["start"]), int(task["stop"]) - int(task["start"])).to_pylist()
-        rows, stats = [], {"truncated": 0, "too_short": 0, "too_long": 0, "not_a_question": 0, "duplicate": 0}
+        rows, stats = [], {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "duplicate": 0}
         bs = self.sdg["batch_size"]
         for i in range(0, len(chunks), bs):
             batch = chunks[i:i + bs]
@@ -149,23 +179,25 @@ class QueryGenerator:
                 text, cut = self.fit_to_context(passage_text(c["title"], c["text"]))
                 stats["truncated"] += cut
                 texts.append(text)
-            for chunk, replies in zip(batch, self.generate(texts)):
-                seen: set[str] = set()
-                for j, reply in enumerate(replies):
-                    q = clean_query(reply)
-                    if len(q) < self.sdg["min_query_chars"]:
-                        stats["too_short"] += 1
-                    elif len(q) > self.sdg["max_query_chars"]:
-                        stats["too_long"] += 1
-                    elif "?" not in q:  # chatter ("Sure, here is...") rather than a question
-                        stats["not_a_question"] += 1
-                    elif q.lower() in seen:
-                        stats["duplicate"] += 1
-                    else:
-                        seen.add(q.lower())
-                        rows.append({"qa_id": f"{chunk['chunk_id']}::q{j}", "query": q,
-                                     "chunk_id": chunk["chunk_id"], "doc_id": chunk["doc_id"],
-                                     "query_type": "question", "generator": self.llm_name})
+            for qtype, spec in self.prompts.items():
+                replies_per_chunk = self.generate(texts, spec, self.sdg["query_types"][qtype])
+                for chunk, replies in zip(batch, replies_per_chunk):
+                    seen: set[str] = set()
+                    for j, reply in enumerate(replies):
+                        q = clean_query(reply, spec)
+                        if len(q) < self.sdg["min_query_chars"] or len(q.split()) < 2:
+                            stats["too_short"] += 1
+                        elif len(q) > self.sdg["max_query_chars"]:
+                            stats["too_long"] += 1
+                        elif wrong_shape(q, spec):
+                            stats["wrong_shape"] += 1
+                        elif q.lower() in seen:
+                            stats["duplicate"] += 1
+                        else:
+                            seen.add(q.lower())
+                            rows.append({"qa_id": f"{chunk['chunk_id']}::{qtype}{j}", "query": q,
+                                         "chunk_id": chunk["chunk_id"], "doc_id": chunk["doc_id"],
+                                         "query_type": qtype, "generator": self.llm_name})
         summary = {"shard_id": shard_id, "chunks": len(chunks), "queries": len(rows), **stats}
         write_shard(pa.Table.from_pylist(rows, QA_SCHEMA), self.shard_dir, shard_id, summary)
         return summary
@@ -203,7 +235,7 @@ def run_stage(cfg, run, rec) -> None:
     rec.manifest.counts = {**totals, "qa_pairs": qa.num_rows, "shards": len(shards), "resumed_shards": len(done),
                            "chunks_per_s": round(fresh_chunks / seconds, 3) if seconds and fresh else None,
                            "queries_per_s": round(fresh_queries / seconds, 3) if seconds and fresh else None}
-    dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "not_a_question", "duplicate", "truncated")}
+    dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "duplicate", "truncated")}
     print(f"[sdg] {qa.num_rows} queries for {totals.get('chunks', 0)} chunks; dropped/flagged: {dropped}")
     for q in qa.column("query").to_pylist()[:: max(1, qa.num_rows // 3)][:3]:
         print(f"[sdg]   e.g. {q}")

@@ -8,6 +8,7 @@ reported to Ray Train; a restarted worker resumes from the latest one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -149,15 +150,21 @@ def run_stage(cfg, run, rec) -> None:
     if n_rows < 2:
         raise ValueError(f"{train_path} has {n_rows} rows; contrastive training needs at least 2")
     log_path = rec.output("train_log.jsonl")
-    log_path.unlink(missing_ok=True)
     tc = cfg.train
+    # The Ray Train run is named by the stage's identity: a rerun after a crash finds its checkpoints and
+    # resumes; a run with other settings or inputs gets a fresh name and never resumes stale weights.
+    identity = hashlib.sha256((rec.manifest.config_hash + json.dumps(rec.manifest.inputs, sort_keys=True))
+                              .encode()).hexdigest()[:12]
+    storage = run.root / "cache" / "ray_train"
+    if not log_path.exists():  # a fresh stage folder (new, stale or --force): never resume old checkpoints
+        shutil.rmtree(storage / f"train-{identity}", ignore_errors=True)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": tc.model_dump(), "base_model": resolve_embedder(tc.base_model),
                            "train_path": str(train_path), "log_path": str(log_path)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=RunConfig(name="train", storage_path=str(run.root / "cache" / "ray_train"),
+        run_config=RunConfig(name=f"train-{identity}", storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),
     )

@@ -4,8 +4,9 @@ from pipeline.config import ConfigError, load_config
 
 
 def test_defaults_are_valid_and_overrides_apply(tmp_path):
-    cfg = load_config(None, ["train.lr=1e-5", "sdg.queries_per_chunk=2", "ray.address=null"])
-    assert cfg.train.lr == 1e-5 and cfg.sdg.queries_per_chunk == 2 and cfg.ray.address is None
+    cfg = load_config(None, ["train.lr=1e-5", "sdg.query_types.claim=2", "ray.address=null"])
+    assert cfg.train.lr == 1e-5 and cfg.ray.address is None
+    assert cfg.sdg.query_types == {"question": 2, "keyword": 1, "claim": 2}  # merged into the default
     assert cfg.corpus.path == "sample"
 
 
@@ -24,6 +25,7 @@ def test_yaml_then_flags_and_profile(tmp_path):
     ("train.lerning_rate=1", "train.lerning_rate"),
     ("prep.test_fraction=0.95", "prep"),
     ("corpus.chunk_overlap=500", "corpus"),
+    ("sdg.query_types.question=0", "query_types"),
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:

@@ -10,8 +10,8 @@ import pytest
 from tests.conftest import free_port
 
 SETTINGS = ["corpus.sample_docs=20", "corpus.chunk_tokens=256", "corpus.chunk_overlap=16",
-            "sdg.queries_per_chunk=2", "sdg.shard_size=8", "sdg.num_actors=2", "train.batch_size=8",
-            "train.max_passage_tokens=128", "train.negatives_per_query=2", "export.parity_texts=50"]
+            "sdg.query_types.question=1", "sdg.query_types.keyword=1", "sdg.shard_size=8", "sdg.num_actors=2", "train.batch_size=8",
+            "train.max_passage_tokens=128", "train.epochs=1", "train.negatives_per_query=2", "export.parity_texts=50"]
 
 
 def retrofit(*args, timeout=1500):
@@ -69,6 +69,15 @@ def test_every_stage_completed_with_its_artifacts(run_dir):
     assert np.isclose(metrics["delta"]["ndcg@10"], metrics["fine-tuned"]["ndcg@10"] - metrics["base"]["ndcg@10"],
                       atol=1e-4)
     assert "ndcg@10" in output and "fine-tuned" in output  # the table was printed
+    sig = metrics["comparison"]["fine-tuned"]["ndcg@10"]
+    assert 0 < sig["p_value"] <= 1 and sig["ci95"][0] <= sig["delta"] <= sig["ci95"][1]
+    assert set(metrics["by_query_type"]) == {"question", "keyword"}
+    report = (run / "eval" / "report.md").read_text()
+    assert "paired randomisation test" in report and "| ndcg@10 |" in report and "## By query type" in report
+    assert (run / "eval" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    per_query = pq.read_table(run / "eval" / "per_query.parquet")
+    assert per_query.num_rows == 2 * len(splits["test"])  # one row per model and test query
+    assert "Largest wins of fine-tuned" in output or "Largest losses of fine-tuned" in output
 
     parity = json.loads((run / "export" / "parity.json").read_text())
     assert parity["passed"] and parity["min_cosine"] >= 0.9999 and parity["texts"] >= 50

@@ -10,9 +10,9 @@ from tests.conftest import SCIFACT
 
 def test_scifact_base_reproduces_published_ndcg_and_matches_beir(base_model, tmp_path):
     """all-MiniLM-L6-v2 on BEIR SciFact: NDCG@10 0.6451, and BEIR's own evaluator agrees to 4 decimals."""
-    corpus, queries, qrels = load_beir(SCIFACT)
-    qids = sorted(qrels)
-    run = retrieve(base_model, corpus, queries, qids, 100, tmp_path, 64)
+    data = load_beir(SCIFACT)
+    qrels = data.qrels
+    run = retrieve(base_model, data.corpus, data.queries, sorted(qrels), 100, tmp_path, 64)
     ours, _ = compute_metrics(qrels, run)
     assert ours["ndcg@10"] == pytest.approx(0.6451, abs=0.001)
 
@@ -29,7 +29,8 @@ def test_scifact_base_reproduces_published_ndcg_and_matches_beir(base_model, tmp
 
 
 def _small_beir(dst, n_queries=20):
-    corpus, queries, qrels = load_beir(SCIFACT)
+    data = load_beir(SCIFACT)
+    corpus, queries, qrels = data.corpus, data.queries, data.qrels
     qids = sorted(qrels)[:n_queries]
     keep = {d for q in qids for d in qrels[q]}
     docs = [d for d in corpus if d["_id"] in keep] + corpus[:150]

@@ -16,7 +16,7 @@ def endpoint(base_model, tmp_path_factory, ray_local):
 
     export_dir = tmp_path_factory.mktemp("onnx")
     export_onnx(base_model, export_dir, opset=17)
-    cfg = load_config(None, [f"serve.port={free_port()}", "serve.max_inputs=4", "serve.max_input_chars=50"])
+    cfg = load_config(None, [f"serve.port={free_port()}", "serve.max_inputs=4", "serve.max_input_chars=20000"])
     url = app.start(str(export_dir), "test-model", cfg.serve)
     yield url, export_dir
     app.stop()
@@ -48,7 +48,7 @@ def test_string_input_and_base64(endpoint):
     ({"text": "x"}, 400, "'input'"),
     ({"input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
     ({"input": ["a"] * 5}, 413, "limit of 4"),
-    ({"input": "y" * 51}, 413, "50 characters"),
+    ({"input": "y" * 20001}, 413, "20000 characters"),
 ])
 def test_bad_requests_get_clear_errors(endpoint, body, status, words):
     url, _ = endpoint
@@ -63,3 +63,14 @@ def test_models_and_health(endpoint):
     models = requests.get(f"{url}/v1/models").json()["data"]
     assert models[0]["id"] == "test-model" and models[0]["dimension"] == 384
     assert requests.post(f"{url}/v1/embeddings", data="not json").status_code == 400
+
+
+def test_eval_through_the_endpoint_reproduces_in_process_metrics(endpoint, tmp_path):
+    from pipeline.evaluate import evaluate_models
+    from tests.test_eval import _small_beir
+
+    url, export_dir = endpoint
+    beir = _small_beir(tmp_path / "beir", n_queries=10)
+    result = evaluate_models(beir, {"onnx": str(export_dir), "endpoint": url}, 100, tmp_path / "cache", 4)
+    for metric, value in result.means["onnx"].items():
+        assert result.means["endpoint"][metric] == pytest.approx(value, abs=1e-4), metric

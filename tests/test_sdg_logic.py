@@ -1,0 +1,39 @@
+import pytest
+
+from pipeline.sdg import clean_query, load_prompts, shard_tasks, wrong_shape
+
+
+def test_prompt_file_defines_the_default_types_and_rejects_unknown_ones(tmp_path):
+    prompts = load_prompts(None, {"question": 2, "claim": 1, "keyword": 0})
+    assert set(prompts) == {"question", "claim"}
+    with pytest.raises(ValueError, match="sdg.query_types: type 'haiku'"):
+        load_prompts(None, {"haiku": 1})
+    bad = tmp_path / "p.yaml"
+    bad.write_text("question:\n  instruction: x\n")
+    with pytest.raises(ValueError, match="lacks"):
+        load_prompts(str(bad), {"question": 1})
+
+
+@pytest.mark.parametrize("raw, qtype, want", [
+    ("1. How do I use heapq.heappush?\nMore text", "question", "How do I use heapq.heappush?"),
+    ('Question: "what does json.dumps do?"', "question", "what does json.dumps do?"),
+    ("The text supports the claim that aspirin lowers adenoma risk. It also says more.", "claim",
+     "Aspirin lowers adenoma risk."),
+    ("- json.dumps sort_keys", "keyword", "json.dumps sort_keys"),
+])
+def test_clean_query(raw, qtype, want):
+    spec = load_prompts(None, {qtype: 1})[qtype]
+    assert clean_query(raw, spec) == want
+
+
+def test_shape_checks():
+    prompts = load_prompts(None, {"question": 1, "claim": 1})
+    assert wrong_shape("Sure, here is a question for you.", prompts["question"])
+    assert not wrong_shape("What is X?", prompts["question"])
+    assert wrong_shape("Is aspirin good?", prompts["claim"])
+
+
+def test_shard_tasks_skip_finished_shards():
+    tasks = shard_tasks(100, 32, done={1})
+    assert [t["shard_id"] for t in tasks] == [0, 2, 3]
+    assert tasks[-1] == {"shard_id": 3, "start": 96, "stop": 100}
