@@ -71,6 +71,10 @@ class PrepConfig(Section):
                           description="Drop candidates scoring above margin x positive score (false negatives).")
     skip_top: int = Field(0, ge=0, description="Ignore the N best-ranked candidates.")
     batch_size: int = Field(64, ge=1)
+    fixed_eval_set: bool = Field(True, description="Reuse the test split (documents and queries) of an earlier "
+                                 "run on the same corpus, so metrics stay comparable across runs.")
+    eval_set_root: str | None = Field(None, description="Where fixed evaluation sets are kept "
+                                      "(default: ~/.cache/retrofit/eval_sets).")
 
     @model_validator(mode="after")
     def _fractions_leave_training(self):

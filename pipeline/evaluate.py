@@ -177,7 +177,7 @@ def wins_and_losses(result: EvalResult, base: str, other: str, metric: str = "nd
         hit = docs.get(result.top_hit[other][q], {})
         rows.append({"query_id": q, "query": result.data.queries[q], "delta": round(delta, 4),
                      "base_top": result.top_hit[base][q], "top_hit": result.top_hit[other][q],
-                     "top_hit_text": f"{hit.get('title') or ''} {hit.get('text', '')}".strip()[:160]})
+                     "top_hit_text": " ".join(f"{hit.get('title') or ''} {hit.get('text', '')}".split())[:160]})
     rows.sort(key=lambda r: r["delta"])
     wins = [r for r in reversed(rows) if r["delta"] > 0][:n]
     losses = [r for r in rows if r["delta"] < 0][:n]

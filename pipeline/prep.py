@@ -85,6 +85,27 @@ def mine_negatives(qa: list[dict], chunk_ids: list[str], chunk_docs: list[str], 
     return out
 
 
+def eval_set_folder(cfg, chunks_path: Path) -> Path | None:
+    """Where this corpus's fixed evaluation set lives (keyed by the chunks' fingerprint), or None if off."""
+    if not cfg.prep.fixed_eval_set:
+        return None
+    from pipeline.models import cache_dir
+    from pipeline.rundir import tree_fingerprint
+
+    root = Path(cfg.prep.eval_set_root) if cfg.prep.eval_set_root else cache_dir() / "eval_sets"
+    return root / tree_fingerprint(chunks_path)
+
+
+def freeze_eval_set(folder: Path, split_of: dict[str, str], test_rows: list[dict]) -> None:
+    """Keep the document split and the test queries for later runs on the same corpus."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "split.json").write_text(json.dumps(split_of))
+    pq.write_table(pa.Table.from_pylist(test_rows, SPLIT_SCHEMA), tmp / "test.parquet")
+    if not folder.exists():
+        tmp.rename(folder)
+
+
 def write_beir(out_dir: Path, chunks: pa.Table, test_rows: list[dict]) -> None:
     """BEIR layout: corpus.jsonl (every chunk), queries.jsonl and qrels/test.tsv (test split)."""
     (out_dir / "qrels").mkdir(parents=True, exist_ok=True)
@@ -109,8 +130,14 @@ def run_stage(cfg, run, rec) -> None:
     qa = pq.read_table(run.root / "sdg" / "qa.parquet").to_pylist()
     if not qa:
         raise ValueError(f"{run.root / 'sdg' / 'qa.parquet'} holds no QA pairs: nothing to train on")
-    split_of = split_documents(chunks.column("doc_id").to_pylist(), cfg.prep.val_fraction,
-                               cfg.prep.test_fraction, cfg.seed)
+    eval_set = eval_set_folder(cfg, chunks_path)
+    frozen = eval_set is not None and (eval_set / "split.json").exists()
+    if frozen:  # an earlier run on this very corpus fixed the split: reuse it so metrics stay comparable
+        split_of = json.loads((eval_set / "split.json").read_text())
+        print(f"[prep] reusing the fixed evaluation set {eval_set}", flush=True)
+    else:
+        split_of = split_documents(chunks.column("doc_id").to_pylist(), cfg.prep.val_fraction,
+                                   cfg.prep.test_fraction, cfg.seed)
     rec.phase("split")
 
     mining_model = resolve_embedder(cfg.train.base_model if cfg.prep.mining_model == "base" else cfg.prep.mining_model)
@@ -140,13 +167,17 @@ def run_stage(cfg, run, rec) -> None:
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for row, m in zip(qa, mined):
         p = m["positive"]
-        splits[split_of[row["doc_id"]]].append({
+        splits[split_of.get(row["doc_id"], "train")].append({
             "qa_id": row["qa_id"], "query": row["query"], "query_type": row["query_type"],
             "positive_id": chunk_ids[p], "positive_doc_id": chunk_docs[p],
             "positive_text": passage_text(chunk_titles[p], chunk_texts[p]), "positive_score": m["positive_score"],
             "negative_ids": [chunk_ids[j] for j in m["negatives"]],
             "negative_texts": [passage_text(chunk_titles[j], chunk_texts[j]) for j in m["negatives"]],
             "negative_scores": m["negative_scores"]})
+    if frozen:
+        splits["test"] = pq.read_table(eval_set / "test.parquet").to_pylist()
+    elif eval_set is not None:
+        freeze_eval_set(eval_set, split_of, splits["test"])
     for name, rows in splits.items():
         pq.write_table(pa.Table.from_pylist(rows, SPLIT_SCHEMA), rec.output(f"{name}.parquet"))
     write_beir(rec.dir / "beir_test", chunks, splits["test"])
@@ -155,4 +186,5 @@ def run_stage(cfg, run, rec) -> None:
     rec.manifest.counts = {**{f"{k}_rows": len(v) for k, v in splits.items()},
                            "documents": {s: sum(1 for v in split_of.values() if v == s) for s in splits},
                            "negatives": stats,
-                           "positive_score_mean": float(np.mean([m["positive_score"] for m in mined]))}
+                           "positive_score_mean": float(np.mean([m["positive_score"] for m in mined])),
+                           "eval_set": {"path": str(eval_set) if eval_set else None, "reused": frozen}}

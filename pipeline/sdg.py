@@ -48,8 +48,11 @@ def load_prompts(path: str | None, wanted: dict[str, int]) -> dict[str, dict]:
 
 
 def wrong_shape(query: str, spec: dict) -> bool:
-    """Chatter ("Sure, here is...") instead of the asked-for shape: a question needs '?', a claim none."""
+    """Chatter ("Sure, here is...") instead of the asked-for shape: a question needs '?', a claim none,
+    a keyword query few words."""
     if spec.get("must_contain") and spec["must_contain"] not in query:
+        return True
+    if spec.get("max_words") and len(query.split()) > spec["max_words"]:
         return True
     return bool(spec.get("must_not_contain") and spec["must_not_contain"] in query)
 

@@ -24,7 +24,9 @@ def retrofit(*args, timeout=1500):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    overrides = [a for s in SETTINGS + [f"serve.port={free_port()}"] for a in ("--set", s)]
+    eval_sets = tmp_path_factory.mktemp("eval_sets")
+    overrides = [a for s in SETTINGS + [f"serve.port={free_port()}", f"prep.eval_set_root={eval_sets}"]
+                 for a in ("--set", s)]
     output = retrofit("run", "--corpus", "sample", "--out", str(run), *overrides)
     return run, output, overrides
 

@@ -45,3 +45,51 @@ def test_planted_duplicates_same_document_and_test_documents_are_never_negatives
     assert len(chosen) == 3
     assert stats["above_margin"] >= 2 and stats["same_document"] == 1 and stats["held_out_document"] == 1
     assert all(s <= 0.95 * mined["positive_score"] for s in mined["negative_scores"])
+
+
+def _fake_run(root, queries_per_chunk, seed_text):
+    """A run folder whose corpus and sdg stages are complete (real files, real manifests)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.corpus import CHUNK_SCHEMA
+    from pipeline.rundir import RunDir, StageRecorder
+    from pipeline.sdg import QA_SCHEMA
+
+    run = RunDir(root)
+    chunks = [{"chunk_id": f"d{d}#{c}", "doc_id": f"d{d}", "title": f"Doc {d}",
+               "text": f"Document {d} part {c} about topic {(d * 7 + c) % 13}", "chunk_index": c, "n_tokens": 8}
+              for d in range(12) for c in range(2)]
+    with StageRecorder(run, "corpus", "h", {}) as rec:
+        pq.write_table(pa.Table.from_pylist(chunks, CHUNK_SCHEMA), rec.output("chunks.parquet"))
+    qa = [{"qa_id": f"{c['chunk_id']}::question{j}", "query": f"{seed_text} {j} topic {c['text'][-2:]}?",
+           "chunk_id": c["chunk_id"], "doc_id": c["doc_id"], "query_type": "question", "generator": "test"}
+          for c in chunks for j in range(queries_per_chunk)]
+    with StageRecorder(run, "sdg", "h", {}) as rec:
+        pq.write_table(pa.Table.from_pylist(qa, QA_SCHEMA), rec.output("qa.parquet"))
+    return run
+
+
+def test_fixed_evaluation_set_is_reused_across_runs_on_the_same_corpus(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_stage
+
+    def prep(run, seed, fixed=True):
+        cfg = load_config(None, [f"seed={seed}", f"prep.eval_set_root={tmp_path / 'sets'}",
+                                 f"prep.fixed_eval_set={fixed}", "prep.num_negatives=2"])
+        run_stage("prep", cfg, run, force=True)
+        return pq.read_table(run.root / "prep" / "test.parquet").to_pylist()
+
+    first = prep(_fake_run(tmp_path / "a", 1, "what is"), seed=1)
+    # Another run on the same corpus with other queries and another seed: same test queries.
+    second = prep(_fake_run(tmp_path / "b", 2, "where is"), seed=2)
+    assert [r["qa_id"] for r in second] == [r["qa_id"] for r in first]
+    assert [r["query"] for r in second] == [r["query"] for r in first]
+    test_docs = {r["positive_doc_id"] for r in first}
+    train = pq.read_table(tmp_path / "b" / "prep" / "train.parquet").to_pylist()
+    assert test_docs.isdisjoint({r["positive_doc_id"] for r in train})
+    # Told otherwise, the split is drawn afresh from this run's seed.
+    third = prep(_fake_run(tmp_path / "c", 2, "where is"), seed=2, fixed=False)
+    assert {r["positive_doc_id"] for r in third} != test_docs

@@ -31,6 +31,9 @@ def test_shape_checks():
     assert wrong_shape("Sure, here is a question for you.", prompts["question"])
     assert not wrong_shape("What is X?", prompts["question"])
     assert wrong_shape("Is aspirin good?", prompts["claim"])
+    keyword = load_prompts(None, {"keyword": 1})["keyword"]
+    assert wrong_shape("You've already done it. Here's the full example of it:", keyword)
+    assert not wrong_shape("json.dumps sort_keys", keyword)
 
 
 def test_shard_tasks_skip_finished_shards():
