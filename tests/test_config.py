@@ -25,7 +25,8 @@ def test_yaml_then_flags_and_profile(tmp_path):
     ("train.lerning_rate=1", "train.lerning_rate"),
     ("prep.test_fraction=0.95", "prep"),
     ("corpus.chunk_overlap=500", "corpus"),
-    ("sdg.query_types.question=0", "query_types"),
+    ("sdg.query_types.question=-1", "query_types"),
+    ("sdg.query_types={question: 0, keyword: 0}", "query_types"),
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
