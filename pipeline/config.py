@@ -118,7 +118,14 @@ class ServeConfig(Section):
     num_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0.0)
     max_inputs: int = Field(256, ge=1, description="Inputs per request.")
-    max_input_chars: int = Field(8192, ge=1)
+    max_input_chars: int = Field(8192, ge=1, description="Longer inputs answer 413 unless the request sets "
+                                 "'truncate': true.")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica works on at once "
+                                             "(default: 2 x max_batch_size; Ray's own default of 5 caps batching).")
+    max_queued_requests: int = Field(64, ge=1, description="Requests waiting beyond that; more answer 503 at once.")
+    # exclude=True: never written to config.yaml, printed, or hashed.
+    api_key: str | None = Field(None, exclude=True,
+                                description="Require 'Authorization: Bearer KEY' (or set RETROFIT_API_KEY).")
 
 
 class RayConfig(Section):

@@ -5,7 +5,9 @@ Requests are batched across callers with @serve.batch; each replica holds one ON
 
 
 import base64
+import hmac
 import logging
+import os
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -26,11 +28,12 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 @serve.ingress(api)
 class EmbeddingService:
     def __init__(self, export_dir: str, model_name: str, max_inputs: int, max_input_chars: int,
-                 max_batch_size: int, batch_wait_timeout_s: float, threads: int = 1):
+                 max_batch_size: int, batch_wait_timeout_s: float, threads: int = 1, api_key: str | None = None):
         from pipeline.export import OnnxEmbedder
 
         self.embedder = OnnxEmbedder(export_dir, threads=threads)
         self.model_name, self.max_inputs, self.max_input_chars = model_name, max_inputs, max_input_chars
+        self.api_key = api_key
         self._embed_batch.set_max_batch_size(max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -43,6 +46,12 @@ class EmbeddingService:
             out.append(emb[i:i + len(texts)])
             i += len(texts)
         return out
+
+    def _unauthorized(self, request: Request):
+        if self.api_key and not hmac.compare_digest(request.headers.get("authorization", ""),
+                                                    f"Bearer {self.api_key}"):
+            return _error(401, "missing or wrong bearer token", "authentication_error")
+        return None
 
     def _validate(self, body):
         if not isinstance(body, dict) or "input" not in body:
@@ -58,9 +67,12 @@ class EmbeddingService:
             return _error(400, f"'input' holds an empty string (index {next(i for i, t in enumerate(texts) if not t.strip())})")
         if len(texts) > self.max_inputs:
             return _error(413, f"{len(texts)} inputs exceed the limit of {self.max_inputs} per request")
+        if body.get("truncate") is True:
+            texts = [t[:self.max_input_chars] for t in texts]
         too_long = [i for i, t in enumerate(texts) if len(t) > self.max_input_chars]
         if too_long:
-            return _error(413, f"input {too_long[0]} has more than {self.max_input_chars} characters")
+            return _error(413, f"input {too_long[0]} has more than {self.max_input_chars} characters "
+                               "(send 'truncate': true to cut it instead)")
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             return _error(400, "'encoding_format' must be 'float' or 'base64'")
@@ -68,6 +80,9 @@ class EmbeddingService:
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request):
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
         try:
             body = await request.json()
         except Exception:
@@ -86,7 +101,10 @@ class EmbeddingService:
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
     @api.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "retrofit",
                                             "dimension": self.embedder.dimension}]}
 
@@ -100,18 +118,21 @@ def build_app(export_dir: str, model_name: str, serve_cfg):
         num_replicas=serve_cfg.num_replicas,
         ray_actor_options={"num_cpus": serve_cfg.cpus_per_replica},
         # Ray's default of 5 ongoing requests per replica would silently cap batch sizes.
-        max_ongoing_requests=max(2 * serve_cfg.max_batch_size, 16),
+        max_ongoing_requests=serve_cfg.max_ongoing_requests or 2 * serve_cfg.max_batch_size,
+        # A bounded queue: overload answers 503 at once instead of growing memory and latency.
+        max_queued_requests=serve_cfg.max_queued_requests,
     )
     return deployment.bind(export_dir, model_name, serve_cfg.max_inputs, serve_cfg.max_input_chars,
                            serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s,
-                           max(1, int(serve_cfg.cpus_per_replica)))
+                           max(1, int(serve_cfg.cpus_per_replica)),
+                           serve_cfg.api_key or os.environ.get("RETROFIT_API_KEY") or None)
 
 
-def start(export_dir: str, model_name: str, serve_cfg) -> str:
+def start(export_dir: str, model_name: str, serve_cfg, app_name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Deploy on the current Ray (embedded or cluster) and return the endpoint's base URL."""
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
-    serve.run(build_app(export_dir, model_name, serve_cfg), name=APP_NAME, route_prefix="/")
-    return f"http://{serve_cfg.host}:{serve_cfg.port}"
+    serve.run(build_app(export_dir, model_name, serve_cfg), name=app_name, route_prefix=route_prefix)
+    return f"http://{serve_cfg.host}:{serve_cfg.port}{route_prefix.rstrip('/')}"
 
 
 def stop() -> None:

@@ -74,3 +74,56 @@ def test_eval_through_the_endpoint_reproduces_in_process_metrics(endpoint, tmp_p
     result = evaluate_models(beir, {"onnx": str(export_dir), "endpoint": url}, 100, tmp_path / "cache", 4)
     for metric, value in result.means["onnx"].items():
         assert result.means["endpoint"][metric] == pytest.approx(value, abs=1e-4), metric
+
+
+def test_truncate_on_request(endpoint):
+    url, _ = endpoint
+    r = requests.post(f"{url}/v1/embeddings", json={"input": "y" * 20001, "truncate": True})
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
+
+
+def test_bearer_token_auth(endpoint):
+    from serve import app
+
+    _, export_dir = endpoint
+    cfg = load_config(None, ["serve.api_key=s3cret"])
+    assert "s3cret" not in str(cfg.model_dump())  # never dumped to config.yaml or logs
+    cfg.serve.port = int(endpoint[0].rsplit(":", 1)[1])
+    url = app.start(str(export_dir), "secure-model", cfg.serve, app_name="secure", route_prefix="/secure")
+    try:
+        body = {"input": "hello"}
+        assert requests.post(f"{url}/v1/embeddings", json=body).status_code == 401
+        bad = {"Authorization": "Bearer wrong"}
+        assert requests.post(f"{url}/v1/embeddings", json=body, headers=bad).status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert requests.post(f"{url}/v1/embeddings", json=body, headers=good).status_code == 200
+        assert requests.get(f"{url}/v1/models", headers=good).status_code == 200
+        assert requests.get(f"{url}/health").status_code == 200  # probes need no token
+    finally:
+        from ray import serve
+
+        serve.delete("secure")
+
+
+def test_overload_answers_503_quickly_and_the_server_stays_healthy(endpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve import app
+
+    _, export_dir = endpoint
+    port = int(endpoint[0].rsplit(":", 1)[1])
+    cfg = load_config(None, [f"serve.port={port}", "serve.max_batch_size=1", "serve.max_ongoing_requests=1",
+                             "serve.max_queued_requests=1"])
+    url = app.start(str(export_dir), "tiny", cfg.serve, app_name="tiny", route_prefix="/tiny")
+    try:
+        body = {"input": ["a long passage about routers and firmware " * 40] * 16}
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            codes = list(pool.map(lambda _: requests.post(f"{url}/v1/embeddings", json=body, timeout=120).status_code,
+                                  range(24)))
+        assert codes.count(503) >= 1 and codes.count(200) >= 1 and set(codes) <= {200, 503}
+        assert requests.get(f"{url}/health").status_code == 200
+        assert requests.post(f"{url}/v1/embeddings", json={"input": "after the storm"}).status_code == 200
+    finally:
+        from ray import serve
+
+        serve.delete("tiny")
