@@ -108,6 +108,9 @@ class ExportConfig(Section):
     opset: int = Field(17, ge=14)
     parity_texts: int = Field(200, ge=1, description="Real texts compared between torch and ONNX.")
     min_cosine: float = Field(0.9999, gt=0.0, le=1.0, description="Parity gate: cosine(ONNX, torch) per text.")
+    int8: bool = Field(True, description="Also write a dynamic int8 variant (export/onnx-int8).")
+    int8_max_ndcg_loss: float = Field(0.01, ge=0.0, description="Keep the int8 variant only if its NDCG@10 on "
+                                      "the test split is at most this much below fp32.")
 
 
 class ServeConfig(Section):

@@ -19,9 +19,9 @@ BATCH_STAGES = ("corpus", "sdg", "prep", "train", "eval", "export")
 MODULES = {"corpus": corpus, "sdg": sdg, "prep": prep, "train": train, "eval": evaluate, "export": export}
 # Which config sections each stage reads, and which stages' outputs it consumes.
 READS = {"corpus": ("corpus",), "sdg": ("sdg",), "prep": ("prep",), "train": ("train",),
-         "eval": ("eval",), "export": ("export",)}
+         "eval": ("eval",), "export": ("export", "eval")}
 CONSUMES = {"corpus": (), "sdg": ("corpus",), "prep": ("corpus", "sdg"), "train": ("prep",),
-            "eval": ("prep", "train"), "export": ("corpus", "sdg", "train")}
+            "eval": ("prep", "train"), "export": ("corpus", "sdg", "prep", "train")}
 NEEDS_RAY = {"sdg", "train"}
 
 

@@ -84,6 +84,9 @@ def test_every_stage_completed_with_its_artifacts(run_dir):
     parity = json.loads((run / "export" / "parity.json").read_text())
     assert parity["passed"] and parity["min_cosine"] >= 0.9999 and parity["texts"] >= 50
     assert (run / "export" / "onnx" / "model.onnx").stat().st_size > 1_000_000
+    int8 = json.loads((run / "export" / "int8.json").read_text())
+    assert int8["kept"] == (int8["ndcg@10_loss"] <= int8["tolerance"])
+    assert (run / "export" / "onnx-int8" / "model.onnx").exists() == int8["kept"]
 
     served = json.loads((run / "serve" / "manifest.json").read_text())
     assert served["status"] == "answered" and served["dimension"] == 384

@@ -41,3 +41,13 @@ def test_parity_gate_catches_a_diverging_model(base_model, exported, tmp_path):
     st.save(str(tmp_path / "perturbed"))
     report = parity(tmp_path / "perturbed", exported, TEXTS)
     assert report["min_cosine"] < 0.9999
+
+
+def test_int8_variant_stays_close_to_fp32(exported, tmp_path):
+    from pipeline.export import quantize_int8
+
+    int8 = quantize_int8(exported, tmp_path / "int8")
+    assert json.loads((int8 / "export.json").read_text())["quantization"] == "int8-dynamic-per-channel"
+    assert (int8 / "model.onnx").stat().st_size < 0.5 * (exported / "model.onnx").stat().st_size
+    a, b = OnnxEmbedder(exported).encode(TEXTS), OnnxEmbedder(int8).encode(TEXTS)
+    assert np.min(np.sum(a * b, axis=1)) > 0.97  # close, but not identical: the loss is measured, not assumed
