@@ -60,7 +60,7 @@ def mine_negatives(qa: list[dict], chunk_ids: list[str], chunk_docs: list[str], 
     """For each QA row, the hard negatives that survive the false-negative filters."""
     pos_index = {cid: i for i, cid in enumerate(chunk_ids)}
     scores, idx = search(chunk_emb, query_emb, candidates + skip_top + 1)
-    out = []
+    out, dropped_scores = [], []
     for r, row in enumerate(qa):
         p = pos_index[row["chunk_id"]]
         pos_score = float(query_emb[r] @ chunk_emb[p])
@@ -77,12 +77,25 @@ def mine_negatives(qa: list[dict], chunk_ids: list[str], chunk_docs: list[str], 
                 stats["held_out_document"] += 1
             elif s > margin * pos_score:
                 stats["above_margin"] += 1
+                dropped_scores.append(s)
             elif len(negs) < num_negatives:
                 negs.append(j)
                 neg_scores.append(s)
         stats["kept"] += len(negs)
         out.append({"positive": p, "positive_score": pos_score, "negatives": negs, "negative_scores": neg_scores})
+    stats["scores"] = {"positive": quantiles([m["positive_score"] for m in out]),
+                       "kept_negative": quantiles([s for m in out for s in m["negative_scores"]]),
+                       "dropped_above_margin": quantiles(dropped_scores)}
     return out
+
+
+def quantiles(values: list[float]) -> dict:
+    """Where a score distribution sits (for the manifest): count, mean and 10/50/90th percentiles."""
+    if not values:
+        return {"n": 0}
+    p10, p50, p90 = np.percentile(values, [10, 50, 90])
+    return {"n": len(values), "mean": round(float(np.mean(values)), 4), "p10": round(float(p10), 4),
+            "p50": round(float(p50), 4), "p90": round(float(p90), 4)}
 
 
 def eval_set_folder(cfg, chunks_path: Path) -> Path | None:
@@ -186,5 +199,4 @@ def run_stage(cfg, run, rec) -> None:
     rec.manifest.counts = {**{f"{k}_rows": len(v) for k, v in splits.items()},
                            "documents": {s: sum(1 for v in split_of.values() if v == s) for s in splits},
                            "negatives": stats,
-                           "positive_score_mean": float(np.mean([m["positive_score"] for m in mined])),
                            "eval_set": {"path": str(eval_set) if eval_set else None, "reused": frozen}}

@@ -45,6 +45,8 @@ def test_planted_duplicates_same_document_and_test_documents_are_never_negatives
     assert len(chosen) == 3
     assert stats["above_margin"] >= 2 and stats["same_document"] == 1 and stats["held_out_document"] == 1
     assert all(s <= 0.95 * mined["positive_score"] for s in mined["negative_scores"])
+    assert stats["scores"]["kept_negative"]["n"] == 3
+    assert stats["scores"]["dropped_above_margin"]["p10"] > 0.95 * mined["positive_score"]
 
 
 def _fake_run(root, queries_per_chunk, seed_text):
