@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work"), help="Where run folders go.")
     ap.add_argument("--config", help="YAML config for the pipeline.")
     ap.add_argument("--set", action="append", default=[], dest="overrides", help="section.field=value")
+    ap.add_argument("--name", help="Results file name (default scifact-N); the run folder is shared by all "
+                    "variants on the same documents, so unchanged stages (SDG above all) are reused.")
     args = ap.parse_args()
 
     # SciFact's human queries are claims, so the LLM writes claims; abstracts mostly fit one 256-token chunk.
@@ -73,7 +75,7 @@ def main() -> int:
 
     stages = {s: (run.read_manifest(s).timings if run.read_manifest(s) else None) for s in runner.BATCH_STAGES}
     counts = {s: (run.read_manifest(s).counts if run.read_manifest(s) else None) for s in runner.BATCH_STAGES}
-    path = write_result(tag, {
+    path = write_result(args.name or tag, {
         "docs": args.docs or 5183, "config": cfg.model_dump(mode="json"), "pipeline_seconds": round(pipeline_s, 1),
         "stage_timings": stages, "stage_counts": counts,
         "human": {**human, "delta": {m: round(human["fine-tuned"][m] - human["base"][m], 5) for m in human["base"]},

@@ -70,6 +70,8 @@ class PrepConfig(Section):
     margin: float = Field(0.95, gt=0.0, le=1.0,
                           description="Drop candidates scoring above margin x positive score (false negatives).")
     skip_top: int = Field(0, ge=0, description="Ignore the N best-ranked candidates.")
+    roundtrip_top_k: int = Field(20, ge=0, description="Keep a query only if the mining model ranks its source "
+                                 "chunk in its top k (0: keep all).")
     batch_size: int = Field(64, ge=1)
     fixed_eval_set: bool = Field(True, description="Reuse the test split (documents and queries) of an earlier "
                                  "run on the same corpus, so metrics stay comparable across runs.")
@@ -88,8 +90,11 @@ class TrainConfig(Section):
     epochs: int = Field(3, ge=1, le=100)
     batch_size: int = Field(16, ge=2, description="Queries per step per worker.")
     lr: float = Field(2e-5, gt=0.0, lt=1.0)
+    lr_preset: Literal["default", "half", "double"] = Field("default", description="Scales lr by 1, 0.5 or 2: "
+                                                             "quick sweeps by name.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     temperature: float = Field(0.05, gt=0.0, le=1.0, description="InfoNCE temperature.")
+    symmetric: bool = Field(False, description="Add the passage-to-query direction to the loss.")
     negatives_per_query: int = Field(3, ge=0, description="Hard negatives used per query in a step.")
     max_query_tokens: int = Field(64, ge=8)
     max_passage_tokens: int = Field(256, ge=16)
@@ -97,6 +102,11 @@ class TrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     seed: int = 13
+
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * {"default": 1.0, "half": 0.5, "double": 2.0}[self.lr_preset]
 
 
 class EvalConfig(Section):

@@ -56,17 +56,19 @@ def search(chunk_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.nda
 
 def mine_negatives(qa: list[dict], chunk_ids: list[str], chunk_docs: list[str], chunk_emb: np.ndarray,
                    query_emb: np.ndarray, *, candidates: int, margin: float, skip_top: int,
-                   num_negatives: int, banned_docs: set[str], stats: dict) -> list[dict]:
-    """For each QA row, the hard negatives that survive the false-negative filters."""
+                   num_negatives: int, banned_docs: set[str], stats: dict, depth: int = 0) -> list[dict]:
+    """For each QA row, the hard negatives that survive the false-negative filters, and the rank of its
+    positive among the `depth` (at least candidates) nearest chunks (-1: further down)."""
     pos_index = {cid: i for i, cid in enumerate(chunk_ids)}
-    scores, idx = search(chunk_emb, query_emb, candidates + skip_top + 1)
+    scores, idx = search(chunk_emb, query_emb, max(candidates + skip_top + 1, depth))
     out, dropped_scores = [], []
     for r, row in enumerate(qa):
         p = pos_index[row["chunk_id"]]
         pos_score = float(query_emb[r] @ chunk_emb[p])
         negs, neg_scores = [], []
         ranked = [(int(j), float(s)) for j, s in zip(idx[r], scores[r]) if j >= 0]
-        for rank, (j, s) in enumerate(ranked):
+        positive_rank = next((k for k, (j, _) in enumerate(ranked) if j == p), -1)
+        for rank, (j, s) in enumerate(ranked[:candidates + skip_top + 1]):
             if j == p:
                 continue
             if rank < skip_top:
@@ -82,11 +84,25 @@ def mine_negatives(qa: list[dict], chunk_ids: list[str], chunk_docs: list[str], 
                 negs.append(j)
                 neg_scores.append(s)
         stats["kept"] += len(negs)
-        out.append({"positive": p, "positive_score": pos_score, "negatives": negs, "negative_scores": neg_scores})
+        out.append({"positive": p, "positive_score": pos_score, "positive_rank": positive_rank,
+                    "negatives": negs, "negative_scores": neg_scores})
     stats["scores"] = {"positive": quantiles([m["positive_score"] for m in out]),
                        "kept_negative": quantiles([s for m in out for s in m["negative_scores"]]),
                        "dropped_above_margin": quantiles(dropped_scores)}
     return out
+
+
+def roundtrip_filter(qa: list[dict], mined: list[dict], top_k: int) -> tuple[list[dict], list[dict], dict]:
+    """Keep a query only if the mining model ranks its source chunk in the top k: drops queries that
+    do not describe their chunk (meta replies such as "The claim is not supported", copied examples)."""
+    if top_k <= 0:
+        return qa, mined, {"top_k": 0, "in": len(qa), "out": len(qa)}
+    kept = [(row, m) for row, m in zip(qa, mined) if 0 <= m["positive_rank"] < top_k]
+    examples = [row["query"] for row, m in zip(qa, mined) if not 0 <= m["positive_rank"] < top_k][:5]
+    summary = {"top_k": top_k, "in": len(qa), "out": len(kept), "dropped_examples": examples}
+    print(f"[prep] round-trip filter (source chunk in the top {top_k}): kept {len(kept)} of {len(qa)} queries",
+          flush=True)
+    return [r for r, _ in kept], [m for _, m in kept], summary
 
 
 def quantiles(values: list[float]) -> dict:
@@ -172,7 +188,9 @@ def run_stage(cfg, run, rec) -> None:
     stats = {"skipped_top": 0, "same_document": 0, "held_out_document": 0, "above_margin": 0, "kept": 0}
     mined = mine_negatives(qa, chunk_ids, chunk_docs, chunk_emb, query_emb, candidates=cfg.prep.candidates,
                            margin=cfg.prep.margin, skip_top=cfg.prep.skip_top,
-                           num_negatives=cfg.prep.num_negatives, banned_docs=test_docs, stats=stats)
+                           num_negatives=cfg.prep.num_negatives, banned_docs=test_docs, stats=stats,
+                           depth=cfg.prep.roundtrip_top_k)
+    qa, mined, roundtrip = roundtrip_filter(qa, mined, cfg.prep.roundtrip_top_k)
     rec.phase("mine")
 
     from pipeline.corpus import passage_text
@@ -198,5 +216,5 @@ def run_stage(cfg, run, rec) -> None:
         raise ValueError("the training split is empty: the corpus needs more documents or QA pairs")
     rec.manifest.counts = {**{f"{k}_rows": len(v) for k, v in splits.items()},
                            "documents": {s: sum(1 for v in split_of.values() if v == s) for s in splits},
-                           "negatives": stats,
+                           "negatives": stats, "roundtrip_filter": roundtrip,
                            "eval_set": {"path": str(eval_set) if eval_set else None, "reused": frozen}}

@@ -27,11 +27,13 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def info_nce(q, passages, positive_ids: list[str], passage_ids: list[str], temperature: float):
+def info_nce(q, passages, positive_ids: list[str], passage_ids: list[str], temperature: float,
+             symmetric: bool = False):
     """Cross-entropy of each query against all passages in the step; query i's positive is column i.
 
     Columns that hold the same chunk as query i's positive (a duplicate positive, or another
     query's hard negative that is this query's positive) are masked: they are not negatives.
+    `symmetric` adds the other direction: each positive passage against all queries of the step.
     """
     import torch
 
@@ -40,7 +42,13 @@ def info_nce(q, passages, positive_ids: list[str], passage_ids: list[str], tempe
     same[torch.arange(len(positive_ids)), torch.arange(len(positive_ids))] = False
     scores = scores.masked_fill(same, float("-inf"))
     labels = torch.arange(len(positive_ids), device=scores.device)
-    return torch.nn.functional.cross_entropy(scores, labels)
+    loss = torch.nn.functional.cross_entropy(scores, labels)
+    if symmetric:
+        n = len(positive_ids)
+        # Queries sharing a positive with query i are not negatives of passage i either.
+        backward = scores[:, :n].T.masked_fill(same[:, :n].T, float("-inf"))
+        loss = (loss + torch.nn.functional.cross_entropy(backward, labels)) / 2
+    return loss
 
 
 def batches(rows: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[dict]]:
@@ -92,7 +100,7 @@ def train_loop(config: dict) -> None:
     all_batches = batches(rows, tc["batch_size"] * world, tc["seed"], 0)
     steps_per_epoch = len(all_batches)
     total = steps_per_epoch * tc["epochs"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, total, int(tc["warmup_ratio"] * total)))
     for _ in range(start_epoch * steps_per_epoch):  # resume: bring the schedule to where it was
@@ -113,7 +121,7 @@ def train_loop(config: dict) -> None:
             passage_ids = [r["positive_id"] for r in mine] + [i for r in mine for i in r["negative_ids"][:k]]
             q = embed([r["query"] for r in mine], tc["max_query_tokens"])
             p = embed(passages, tc["max_passage_tokens"])
-            loss = info_nce(q, p, [r["positive_id"] for r in mine], passage_ids, tc["temperature"])
+            loss = info_nce(q, p, [r["positive_id"] for r in mine], passage_ids, tc["temperature"], tc["symmetric"])
             optimizer.zero_grad()
             loss.backward()
             if world > 1:
@@ -160,7 +168,7 @@ def run_stage(cfg, run, rec) -> None:
         shutil.rmtree(storage / f"train-{identity}", ignore_errors=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": tc.model_dump(), "base_model": resolve_embedder(tc.base_model),
+        train_loop_config={"train": tc.model_dump(), "lr": tc.effective_lr, "base_model": resolve_embedder(tc.base_model),
                            "train_path": str(train_path), "log_path": str(log_path)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),

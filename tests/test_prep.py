@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.prep import mine_negatives, split_documents
+from pipeline.prep import mine_negatives, roundtrip_filter, split_documents
 
 
 def test_split_is_by_document_seeded_and_complete():
@@ -95,3 +95,12 @@ def test_fixed_evaluation_set_is_reused_across_runs_on_the_same_corpus(tmp_path)
     # Told otherwise, the split is drawn afresh from this run's seed.
     third = prep(_fake_run(tmp_path / "c", 2, "where is"), seed=2, fixed=False)
     assert {r["positive_doc_id"] for r in third} != test_docs
+
+
+def test_roundtrip_filter_drops_queries_whose_source_is_not_found():
+    qa = [{"query": "good"}, {"query": "The claim is not supported."}, {"query": "far"}]
+    mined = [{"positive_rank": 0}, {"positive_rank": -1}, {"positive_rank": 25}]
+    kept_qa, kept_mined, summary = roundtrip_filter(qa, mined, top_k=20)
+    assert [r["query"] for r in kept_qa] == ["good"] and len(kept_mined) == 1
+    assert summary["in"] == 3 and summary["out"] == 1 and "The claim is not supported." in summary["dropped_examples"]
+    assert roundtrip_filter(qa, mined, top_k=0)[0] == qa

@@ -29,3 +29,22 @@ def test_info_nce_masks_a_duplicate_positive():
     unmasked = info_nce(q, p, ["a", "b"], ["a", "b", "x"], 0.05)
     assert masked < unmasked  # query 0's duplicate positive no longer counts against it
     assert math.isclose(masked.item(), info_nce(q, p[:2], ["a", "b"], ["a", "b"], 0.05).item(), rel_tol=1e-5)
+
+
+def test_symmetric_loss_adds_the_passage_direction():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(8, 8), dim=-1)
+    ids = ["a", "b", "c", "d"]
+    cols = ids + ["e", "f", "g", "h"]
+    one_way = info_nce(q, p, ids, cols, 0.05)
+    both = info_nce(q, p, ids, cols, 0.05, symmetric=True)
+    backward = torch.nn.functional.cross_entropy(p[:4] @ q.T / 0.05, torch.arange(4))
+    assert torch.isclose(both, (one_way + backward) / 2)
+
+
+def test_lr_presets_by_name():
+    from pipeline.config import load_config
+
+    assert load_config(None, ["train.lr=2e-5", "train.lr_preset=half"]).train.effective_lr == 1e-5
+    assert load_config(None, ["train.lr=2e-5", "train.lr_preset=double"]).train.effective_lr == 4e-5
