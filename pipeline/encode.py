@@ -128,6 +128,3 @@ def encode_parquet(model_path: str, table_path: str | Path, kind: str, cache_roo
         shutil.rmtree(out_dir, ignore_errors=True)
     return emb
 
-
-def clear_cache(cache_root: str | Path) -> None:
-    shutil.rmtree(cache_root, ignore_errors=True)
