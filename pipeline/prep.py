@@ -1,10 +1,15 @@
 """Prep stage: split QA pairs by document and mine hard negatives with the base embedder + FAISS.
 
 - Split: documents (not QA pairs) are assigned to train/val/test with a seeded shuffle, so no document
-  feeds two splits and test chunks never appear in a training row, as positive or as negative.
-- Mining: chunks and queries are embedded with the mining model; FAISS returns each query's nearest
-  chunks; candidates that are the positive, come from the positive's document, score above
-  `margin x positive score` (likely false negatives) or belong to the test split are dropped.
+  feeds two splits and test chunks never appear in a training row, as positive or as negative. The
+  split and test queries are frozen per corpus so later runs are measured on the same set.
+- Positives: a query with several positive chunks (multi-hop `related_chunk_ids`, or the same query
+  written for several chunks) is unrolled into one row per positive; none of them is ever a negative.
+- Mining: chunks and queries are embedded with the mining model; a FAISS index (exact, IVF or HNSW;
+  GPU when there is one) returns each query's nearest chunks; candidates that are a positive, come
+  from the positive's document, score above `margin x positive score` (likely false negatives), belong
+  to the test split, or that an optional judge (LLM or cross-encoder) rates as relevant as the
+  positive are dropped. N negatives are then taken from the top or sampled.
 - The test split is also written in BEIR format (corpus = every chunk) for any BEIR tool to check.
 """
 
@@ -23,6 +28,7 @@ SPLIT_SCHEMA = pa.schema([
     ("positive_id", pa.string()), ("positive_doc_id", pa.string()), ("positive_text", pa.string()),
     ("positive_score", pa.float32()), ("negative_ids", pa.list_(pa.string())),
     ("negative_texts", pa.list_(pa.string())), ("negative_scores", pa.list_(pa.float32())),
+    ("positive_ids", pa.list_(pa.string())),  # every positive of the query (multi-hop, repeated queries)
 ])
 
 
@@ -45,51 +51,125 @@ def split_documents(doc_ids: list[str], val_fraction: float, test_fraction: floa
     return split
 
 
-def search(chunk_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product search (embeddings are normalised, so scores are cosines)."""
+def build_index(chunk_emb: np.ndarray, kind: str = "flat", *, exact_max: int = 100_000, nprobe: int = 32,
+                ef_search: int = 128, use_gpu: bool = True):
+    """A FAISS inner-product index over the chunks (embeddings are normalised, so scores are cosines) and
+    a short description of what was built. 'auto' is exact up to exact_max chunks, then IVF on a GPU or
+    HNSW on CPUs (FAISS has no GPU HNSW)."""
     import faiss
 
-    index = faiss.IndexFlatIP(chunk_emb.shape[1])
+    n, dim = chunk_emb.shape
+    gpus = faiss.get_num_gpus() if use_gpu and hasattr(faiss, "get_num_gpus") else 0
+    if kind == "auto":
+        kind = "flat" if n <= exact_max else ("ivf" if gpus else "hnsw")
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = 80, ef_search
+    else:
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # FAISS wants >= 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = chunk_emb[np.random.default_rng(0).permutation(n)[:256 * nlist]]
+        index.train(sample)
+        index.nprobe = min(nprobe, nlist)
+    on_gpu = bool(gpus) and kind != "hnsw"
+    if on_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
     index.add(chunk_emb)
-    return index.search(query_emb, min(k, chunk_emb.shape[0]))
+    return index, f"{kind} ({'GPU' if on_gpu else 'CPU'}, {n} chunks)"
+
+
+def search(index, query_emb: np.ndarray, k: int, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) for every query, in batches so the result buffers stay small per call."""
+    k = min(k, index.ntotal)
+    parts = [index.search(query_emb[i:i + batch], k) for i in range(0, len(query_emb), batch)]
+    if not parts:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def mine_negatives(qa: list[dict], chunk_ids: list[str], chunk_docs: list[str], chunk_emb: np.ndarray,
                    query_emb: np.ndarray, *, candidates: int, margin: float, skip_top: int,
-                   num_negatives: int, banned_docs: set[str], stats: dict, depth: int = 0) -> list[dict]:
+                   num_negatives: int, banned_docs: set[str], stats: dict, depth: int = 0,
+                   other_positives: list[set[str]] | None = None, selection: str = "top", seed: int = 0,
+                   index=None, judge=None, judge_top: int = 5, judge_ratio: float = 1.0,
+                   passages: list[str] | None = None) -> list[dict]:
     """For each QA row, the hard negatives that survive the false-negative filters, and the rank of its
-    positive among the `depth` (at least candidates) nearest chunks (-1: further down)."""
+    positive among the `depth` (at least candidates) nearest chunks (-1: further down).
+
+    A candidate is dropped when it is the positive or another positive of the same query, comes from
+    the positive's document or a held-out document, scores above margin x the positive's score, or
+    (with a judge) is rated about as relevant as the positive itself."""
     pos_index = {cid: i for i, cid in enumerate(chunk_ids)}
-    scores, idx = search(chunk_emb, query_emb, max(candidates + skip_top + 1, depth))
-    out, dropped_scores = [], []
+    if index is None:
+        index, _ = build_index(chunk_emb)
+    scores, idx = search(index, query_emb, max(candidates + skip_top + 1, depth))
+    rows = []
     for r, row in enumerate(qa):
         p = pos_index[row["chunk_id"]]
         pos_score = float(query_emb[r] @ chunk_emb[p])
-        negs, neg_scores = [], []
+        banned = {pos_index[c] for c in (other_positives[r] if other_positives else ()) if c in pos_index}
         ranked = [(int(j), float(s)) for j, s in zip(idx[r], scores[r]) if j >= 0]
         positive_rank = next((k for k, (j, _) in enumerate(ranked) if j == p), -1)
+        survivors = []
         for rank, (j, s) in enumerate(ranked[:candidates + skip_top + 1]):
             if j == p:
                 continue
             if rank < skip_top:
                 stats["skipped_top"] += 1
+            elif j in banned:
+                stats["other_positive"] += 1
             elif chunk_docs[j] == row["doc_id"]:
                 stats["same_document"] += 1
             elif chunk_docs[j] in banned_docs:
                 stats["held_out_document"] += 1
             elif s > margin * pos_score:
                 stats["above_margin"] += 1
-                dropped_scores.append(s)
-            elif len(negs) < num_negatives:
-                negs.append(j)
-                neg_scores.append(s)
-        stats["kept"] += len(negs)
-        out.append({"positive": p, "positive_score": pos_score, "positive_rank": positive_rank,
-                    "negatives": negs, "negative_scores": neg_scores})
+                stats.setdefault("_dropped", []).append(s)
+            else:
+                survivors.append((j, s))
+        rows.append({"positive": p, "positive_score": pos_score, "positive_rank": positive_rank,
+                     "survivors": survivors})
+    if judge is not None:
+        _second_opinion(qa, rows, judge, judge_top, judge_ratio, passages, stats)
+    rng = np.random.default_rng(seed)
+    out = []
+    for m in rows:
+        survivors = m.pop("survivors")
+        if selection == "sample" and len(survivors) > num_negatives:
+            keep = sorted(rng.choice(len(survivors), num_negatives, replace=False))
+            chosen = [survivors[i] for i in keep]
+        else:
+            chosen = survivors[:num_negatives]
+        stats["kept"] += len(chosen)
+        out.append({**m, "negatives": [j for j, _ in chosen], "negative_scores": [s for _, s in chosen]})
     stats["scores"] = {"positive": quantiles([m["positive_score"] for m in out]),
                        "kept_negative": quantiles([s for m in out for s in m["negative_scores"]]),
-                       "dropped_above_margin": quantiles(dropped_scores)}
+                       "dropped_above_margin": quantiles(stats.pop("_dropped", []))}
     return out
+
+
+def _second_opinion(qa, rows, judge, top: int, ratio: float, passages: list[str], stats: dict) -> None:
+    """Ask the judge about each query's positive and its `top` best surviving candidates; drop the
+    candidates it rates at least ratio x the positive (in place)."""
+    pairs, where = [], []
+    for r, (row, m) in enumerate(zip(qa, rows)):
+        pairs.append((row["query"], passages[m["positive"]]))
+        where.append((r, -1))
+        for k, (j, _) in enumerate(m["survivors"][:top]):
+            pairs.append((row["query"], passages[j]))
+            where.append((r, k))
+    judged = judge.score(pairs)
+    positive_score = {r: float(v) for (r, k), v in zip(where, judged) if k == -1}
+    flagged: dict[int, set[int]] = {}
+    for (r, k), v in zip(where, judged):
+        if k >= 0 and float(v) >= ratio * positive_score[r]:
+            flagged.setdefault(r, set()).add(k)
+    for r, ks in flagged.items():
+        rows[r]["survivors"] = [c for k, c in enumerate(rows[r]["survivors"]) if k not in ks]
+    stats["judged"] = len(pairs) - len(rows)
+    stats["judge_dropped"] = sum(len(ks) for ks in flagged.values())
 
 
 def roundtrip_filter(qa: list[dict], mined: list[dict], top_k: int) -> tuple[list[dict], list[dict], dict]:
@@ -103,6 +183,29 @@ def roundtrip_filter(qa: list[dict], mined: list[dict], top_k: int) -> tuple[lis
     print(f"[prep] round-trip filter (source chunk in the top {top_k}): kept {len(kept)} of {len(qa)} queries",
           flush=True)
     return [r for r, _ in kept], [m for _, m in kept], summary
+
+
+def unroll_positives(qa: list[dict], doc_of: dict[str, str]) -> list[dict]:
+    """One row per (query, positive), each knowing all positives of its query.
+
+    A query's positives are its own chunk, the chunks in `related_chunk_ids` (multi-hop questions that
+    need several chunks) and the chunks of other rows asking the very same query. Extra positives become
+    rows of their own (qa_id + '#p1', ...) sharing the original qa_id as `group_id`."""
+    def related_of(row):
+        return [c for c in (row.get("related_chunk_ids") or []) if c != row["chunk_id"] and c in doc_of]
+
+    by_text: dict[str, set[str]] = {}
+    for row in qa:
+        by_text.setdefault(row["query"].strip().lower(), set()).update([row["chunk_id"], *related_of(row)])
+    out = []
+    for row in qa:
+        related = related_of(row)
+        positives = by_text[row["query"].strip().lower()]
+        base = {**row, "group_id": row["qa_id"], "positives": positives}
+        out.append(base)
+        out.extend({**base, "qa_id": f"{row['qa_id']}#p{k}", "chunk_id": c, "doc_id": doc_of[c]}
+                   for k, c in enumerate(related, start=1))
+    return out
 
 
 def quantiles(values: list[float]) -> dict:
@@ -147,11 +250,14 @@ def write_beir(out_dir: Path, chunks: pa.Table, test_rows: list[dict]) -> None:
     with open(out_dir / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
         f.write("query-id\tcorpus-id\tscore\n")
         for r in test_rows:
-            f.write(f"{r['qa_id']}\t{r['positive_id']}\t1\n")
+            for positive in r.get("positive_ids") or [r["positive_id"]]:
+                f.write(f"{r['qa_id']}\t{positive}\t1\n")
 
 
 def run_stage(cfg, run, rec) -> None:
+    from pipeline.corpus import passage_text
     from pipeline.encode import encode_parquet
+    from pipeline.judge import make_judge
     from pipeline.models import resolve_embedder
 
     chunks_path = run.root / "corpus" / "chunks.parquet"
@@ -159,6 +265,15 @@ def run_stage(cfg, run, rec) -> None:
     qa = pq.read_table(run.root / "sdg" / "qa.parquet").to_pylist()
     if not qa:
         raise ValueError(f"{run.root / 'sdg' / 'qa.parquet'} holds no QA pairs: nothing to train on")
+    doc_of = dict(zip(chunks.column("chunk_id").to_pylist(), chunks.column("doc_id").to_pylist()))
+    unknown = next((r for r in qa if r["chunk_id"] not in doc_of), None)
+    if unknown is not None:
+        raise ValueError(f"sdg/qa.parquet row {unknown['qa_id']!r}: chunk_id {unknown['chunk_id']!r} is not in "
+                         "corpus/chunks.parquet (QA pairs from another corpus?)")
+    n_queries = len(qa)
+    qa = unroll_positives(qa, doc_of)
+    n_pairs = len(qa)
+    group_doc = {r["qa_id"]: r["doc_id"] for r in qa if r["qa_id"] == r["group_id"]}
     eval_set = eval_set_folder(cfg, chunks_path)
     frozen = eval_set is not None and (eval_set / "split.json").exists()
     if frozen:  # an earlier run on this very corpus fixed the split: reuse it so metrics stay comparable
@@ -184,27 +299,44 @@ def run_stage(cfg, run, rec) -> None:
     chunk_docs = chunks.column("doc_id").to_pylist()
     chunk_texts = chunks.column("text").to_pylist()
     chunk_titles = chunks.column("title").to_pylist()
+    passages = [passage_text(t, x) for t, x in zip(chunk_titles, chunk_texts)]
     test_docs = {d for d, s in split_of.items() if s == "test"}
-    stats = {"skipped_top": 0, "same_document": 0, "held_out_document": 0, "above_margin": 0, "kept": 0}
-    mined = mine_negatives(qa, chunk_ids, chunk_docs, chunk_emb, query_emb, candidates=cfg.prep.candidates,
-                           margin=cfg.prep.margin, skip_top=cfg.prep.skip_top,
-                           num_negatives=cfg.prep.num_negatives, banned_docs=test_docs, stats=stats,
-                           depth=cfg.prep.roundtrip_top_k)
-    qa, mined, roundtrip = roundtrip_filter(qa, mined, cfg.prep.roundtrip_top_k)
+    p = cfg.prep
+    index, index_desc = build_index(chunk_emb, p.index, exact_max=p.exact_search_max_chunks, nprobe=p.ivf_nprobe,
+                                    ef_search=p.hnsw_ef_search, use_gpu=p.gpu_index)
+    print(f"[prep] search index: {index_desc}", flush=True)
+    judge = make_judge(p.judge, cfg.sdg.llm)
+    stats = dict.fromkeys(["skipped_top", "other_positive", "same_document", "held_out_document",
+                           "above_margin", "kept"], 0)
+    mined = mine_negatives(qa, chunk_ids, chunk_docs, chunk_emb, query_emb, candidates=p.candidates,
+                           margin=p.margin, skip_top=p.skip_top, num_negatives=p.num_negatives,
+                           banned_docs=test_docs, stats=stats, depth=p.roundtrip_top_k,
+                           other_positives=[row["positives"] for row in qa], selection=p.negative_selection,
+                           seed=cfg.seed, index=index, judge=judge, judge_top=p.judge_top,
+                           judge_ratio=p.judge_ratio, passages=passages)
+    qa, mined, roundtrip = roundtrip_filter(qa, mined, p.roundtrip_top_k)
     rec.phase("mine")
 
-    from pipeline.corpus import passage_text
-
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    cross_split = 0
     for row, m in zip(qa, mined):
-        p = m["positive"]
-        splits[split_of.get(row["doc_id"], "train")].append({
+        pos = m["positive"]
+        # A query belongs to its first positive's split; an extra positive from another split would leak
+        # a held-out chunk into training (or a training chunk into the test set), so it is left out.
+        split = split_of.get(group_doc[row["group_id"]], "train")
+        if split_of.get(chunk_docs[pos], "train") != split:
+            cross_split += 1
+            continue
+        if split == "test" and row["qa_id"] != row["group_id"]:
+            continue  # the test set keeps one row per query; its qrels list every positive
+        splits[split].append({
             "qa_id": row["qa_id"], "query": row["query"], "query_type": row["query_type"],
-            "positive_id": chunk_ids[p], "positive_doc_id": chunk_docs[p],
-            "positive_text": passage_text(chunk_titles[p], chunk_texts[p]), "positive_score": m["positive_score"],
+            "positive_id": chunk_ids[pos], "positive_doc_id": chunk_docs[pos],
+            "positive_text": passages[pos], "positive_score": m["positive_score"],
             "negative_ids": [chunk_ids[j] for j in m["negatives"]],
-            "negative_texts": [passage_text(chunk_titles[j], chunk_texts[j]) for j in m["negatives"]],
-            "negative_scores": m["negative_scores"]})
+            "negative_texts": [passages[j] for j in m["negatives"]],
+            "negative_scores": m["negative_scores"], "positive_ids": sorted(row["positives"])})
+    stats["cross_split_positive"] = cross_split
     if frozen:
         splits["test"] = pq.read_table(eval_set / "test.parquet").to_pylist()
     elif eval_set is not None:
@@ -214,7 +346,8 @@ def run_stage(cfg, run, rec) -> None:
     write_beir(rec.dir / "beir_test", chunks, splits["test"])
     if not splits["train"]:
         raise ValueError("the training split is empty: the corpus needs more documents or QA pairs")
-    rec.manifest.counts = {**{f"{k}_rows": len(v) for k, v in splits.items()},
+    rec.manifest.counts = {**{f"{k}_rows": len(v) for k, v in splits.items()}, "queries": n_queries,
+                           "query_positive_pairs": n_pairs,
                            "documents": {s: sum(1 for v in split_of.values() if v == s) for s in splits},
                            "negatives": stats, "roundtrip_filter": roundtrip,
                            "eval_set": {"path": str(eval_set) if eval_set else None, "reused": frozen}}

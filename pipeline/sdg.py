@@ -23,6 +23,7 @@ log = logging.getLogger("retrofit.sdg")
 QA_SCHEMA = pa.schema([
     ("qa_id", pa.string()), ("query", pa.string()), ("chunk_id", pa.string()), ("doc_id", pa.string()),
     ("query_type", pa.string()), ("generator", pa.string()),
+    ("related_chunk_ids", pa.list_(pa.string())),  # further positives of a multi-hop query (may be null)
 ])
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.yaml")
