@@ -70,6 +70,20 @@ class PrepConfig(Section):
     margin: float = Field(0.95, gt=0.0, le=1.0,
                           description="Drop candidates scoring above margin x positive score (false negatives).")
     skip_top: int = Field(0, ge=0, description="Ignore the N best-ranked candidates.")
+    negative_selection: Literal["top", "sample"] = Field(
+        "top", description="Take the best-ranked surviving candidates, or sample among them (seeded).")
+    index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="FAISS index: exact (flat) up to exact_search_max_chunks, then IVF on a GPU or "
+        "HNSW on CPUs.")
+    exact_search_max_chunks: int = Field(100_000, ge=1, description="Largest corpus searched exactly by 'auto'.")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF lists searched per query (recall vs speed).")
+    hnsw_ef_search: int = Field(128, ge=8, description="HNSW search breadth (recall vs speed).")
+    gpu_index: bool = Field(True, description="Search on a GPU when faiss-gpu sees one (flat and IVF).")
+    judge: str = Field("none", description="Second opinion on the best surviving candidates: 'none', 'llm' (the "
+                       "sdg.llm asked whether the passage answers the query) or a cross-encoder folder.")
+    judge_top: int = Field(5, ge=1, description="Candidates per query the judge looks at.")
+    judge_ratio: float = Field(1.0, gt=0.0, description="Drop a candidate the judge scores at least judge_ratio "
+                               "x its score for the query's own positive.")
     roundtrip_top_k: int = Field(20, ge=0, description="Keep a query only if the mining model ranks its source "
                                  "chunk in its top k (0: keep all).")
     batch_size: int = Field(64, ge=1)
@@ -102,6 +116,25 @@ class TrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     seed: int = 13
+    engine: Literal["deepspeed", "ddp"] = Field("deepspeed", description="DeepSpeed ZeRO, or plain AdamW with "
+                                                 "an all-reduce of gradients (the fallback).")
+    zero_stage: Literal[1, 2] = Field(2, description="DeepSpeed ZeRO stage.")
+    grad_cache_chunk: int = Field(0, ge=0, description="GradCache: embed in chunks of this many texts so big "
+                                  "batches fit in memory (0: off; needs engine 'ddp').")
+    query_prefix: str = Field("", description="Prepended to queries (e.g. 'query: '); saved as the model's prompt.")
+    passage_prefix: str = Field("", description="Prepended to passages (e.g. 'passage: ').")
+    checkpoint_every_steps: int = Field(0, ge=0, description="Also checkpoint (and validate) every N steps.")
+    val_max_queries: int = Field(300, ge=1, description="Val queries scored at each checkpoint.")
+    keep: Literal["best", "last"] = Field("best", description="Keep the checkpoint with the best val NDCG@10, "
+                                          "or the last one.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after N checkpoints without a val gain (0: off).")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts (from the latest checkpoint) allowed.")
+
+    @model_validator(mode="after")
+    def _grad_cache_engine(self):
+        if self.grad_cache_chunk and self.engine != "ddp":
+            raise ValueError("grad_cache_chunk needs engine 'ddp' (DeepSpeed owns the backward pass)")
+        return self
 
 
     @property
@@ -121,6 +154,9 @@ class ExportConfig(Section):
     int8: bool = Field(True, description="Also write a dynamic int8 variant (export/onnx-int8).")
     int8_max_ndcg_loss: float = Field(0.01, ge=0.0, description="Keep the int8 variant only if its NDCG@10 on "
                                       "the test split is at most this much below fp32.")
+    tensorrt: Literal["auto", "off", "required"] = Field(
+        "auto", description="Build and check a TensorRT fp16 engine when TensorRT is there ('auto' says why "
+        "not otherwise; 'required' fails the stage).")
 
 
 class ServeConfig(Section):
@@ -130,6 +166,14 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     num_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0.0)
+    gpus_per_replica: float = Field(0.0, ge=0.0)
+    device: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        "auto", description="ONNX Runtime provider; 'auto': TensorRT if its engine was built, CUDA if there "
+        "is a GPU, else CPU.")
+    autoscaling: bool = Field(False, description="Scale replicas between min_replicas and max_replicas on load.")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(16.0, gt=0.0, description="Autoscaling target per replica.")
     max_inputs: int = Field(256, ge=1, description="Inputs per request.")
     max_input_chars: int = Field(8192, ge=1, description="Longer inputs answer 413 unless the request sets "
                                  "'truncate': true.")

@@ -33,8 +33,9 @@ class _SentenceTransformerEncoder:
     def __init__(self, path: str, batch_size: int):
         self.model, self.batch_size = load_model(path), batch_size
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+    def encode(self, texts: list[str], kind: str) -> np.ndarray:
+        prompt = kind if kind in (self.model.prompts or {}) else None  # the model's own query/passage prefix
+        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, prompt_name=prompt,
                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
 
@@ -44,18 +45,18 @@ class _OnnxEncoder:
 
         self.model, self.batch_size = OnnxEmbedder(path, threads=threads), batch_size
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, self.batch_size)
+    def encode(self, texts: list[str], kind: str) -> np.ndarray:
+        return self.model.encode(texts, self.batch_size, input_type=kind)
 
 
 class _EndpointEncoder:
     def __init__(self, url: str, batch_size: int):
         self.url, self.batch_size = url, batch_size
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str], kind: str) -> np.ndarray:
         from serve.client import embed
 
-        out = [embed(self.url, texts[i:i + self.batch_size], encoding_format="base64")
+        out = [embed(self.url, texts[i:i + self.batch_size], encoding_format="base64", input_type=kind)
                for i in range(0, len(texts), self.batch_size)]
         return np.asarray([v for chunk in out for v in chunk], np.float32)
 
@@ -93,7 +94,7 @@ class EncodeWorker:
     def process(self, task: dict) -> dict:
         start, stop = int(task["start"]), int(task["stop"])
         table = pq.read_table(self.table_path, memory_map=True).slice(start, stop - start)
-        emb = self.encoder.encode(texts_of(table, self.kind))
+        emb = self.encoder.encode(texts_of(table, self.kind), self.kind)
         tmp = self.out_dir / f".{task['shard_id']:05d}.tmp.npy"
         np.save(tmp, emb)
         tmp.rename(self.out_dir / f"{int(task['shard_id']):05d}.npy")

@@ -1,8 +1,12 @@
 """Export stage: the fine-tuned embedder as one ONNX graph (encoder + pooling + normalisation),
 with a parity gate against the torch model on real texts that fails the stage when they diverge.
 
-The export folder is self-contained for serving: model.onnx, the tokenizer files and export.json
-(max length, pooling, parity figures).
+The export folder is self-contained for serving: model.onnx (portable: standard ONNX ops, what
+TensorRT builds from), model.opt.onnx (ONNX Runtime's offline graph optimisation of it, what the CPU
+and CUDA providers load), the tokenizer files and export.json (max length, pooling, the model's
+query/passage prompts). Hand-written rather than optimum / sentence-transformers' ONNX backend: those
+export the transformer alone, and we want pooling and normalisation inside the graph so the artifact
+by itself gives final embeddings to any ONNX runtime.
 """
 
 from __future__ import annotations
@@ -67,30 +71,80 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int) -> Path:
                       dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
                                     "sentence_embedding": {0: "batch"}})
     tok.save_pretrained(out_dir)
+    optimize_onnx(onnx_path, out_dir / OPTIMIZED)
+    # The model's prompts (e.g. {"query": "query: "}) travel with it: serving applies them by input_type.
+    prompts = {k: v for k, v in (st.prompts or {}).items() if v}
     (out_dir / "export.json").write_text(json.dumps(
         {"max_seq_length": st.max_seq_length, "pooling": mode, "normalized": True, "opset": opset,
-         "dimension": st.get_embedding_dimension()}, indent=2))
+         "dimension": st.get_embedding_dimension(), "prompts": prompts, "optimized": OPTIMIZED}, indent=2))
     return onnx_path
+
+
+OPTIMIZED = "model.opt.onnx"
+
+
+def optimize_onnx(src: Path, dst: Path) -> None:
+    """ONNX Runtime's offline graph optimisation (constant folding, node fusions), saved once so each
+    replica does not redo it at start. EXTENDED, not ALL: ALL adds layout changes tied to this CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+
+
+def providers_for(device: str, export_dir: Path, max_seq_length: int, max_batch: int = 64) -> list:
+    """ONNX Runtime providers for 'cpu', 'cuda' or 'tensorrt' (fp16 engine, cached next to the model,
+    its optimisation profile covering batches up to max_batch and sequences up to max_seq_length)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    shapes = lambda b, n: ",".join(f"{name}:{b}x{n}" for name in ("input_ids", "attention_mask", "token_type_ids"))  # noqa: E731
+    trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+           "trt_engine_cache_path": str(export_dir / "trt_cache"),
+           "trt_profile_min_shapes": shapes(1, 1), "trt_profile_opt_shapes": shapes(max_batch // 2, max_seq_length // 2),
+           "trt_profile_max_shapes": shapes(max_batch, max_seq_length)}
+    return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def tensorrt_unavailable() -> str | None:
+    """Why a TensorRT engine cannot be built here, or None when it can."""
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return ("onnxruntime has no TensorrtExecutionProvider here (a CUDA GPU with onnxruntime-gpu and "
+                "TensorRT 10 installed is needed); serving uses ONNX Runtime on "
+                + ("CUDA" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPU"))
+    return None
 
 
 class OnnxEmbedder:
     """Tokenizer + ONNX Runtime session: the exported artifact alone gives final embeddings."""
 
-    def __init__(self, export_dir: str | Path, threads: int = 1, providers: list[str] | None = None):
+    def __init__(self, export_dir: str | Path, threads: int = 1, device: str = "cpu", optimized: bool = True):
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
         export_dir = Path(export_dir)
         self.info = json.loads((export_dir / "export.json").read_text())
         self.tok = AutoTokenizer.from_pretrained(str(export_dir))
+        self.prompts = self.info.get("prompts") or {}
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(export_dir / "model.onnx"), opts,
-                                            providers=providers or ["CPUExecutionProvider"])
+        # TensorRT builds from the portable graph; ORT's own providers load the pre-optimised one.
+        name = self.info.get("optimized") if optimized and device != "tensorrt" else None
+        path = export_dir / (name or "model.onnx")
+        self.session = ort.InferenceSession(str(path), opts, providers=providers_for(
+            device, export_dir, int(self.info["max_seq_length"])))
         self.dimension = int(self.info["dimension"])
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 32, input_type: str | None = None) -> np.ndarray:
+        prefix = self.prompts.get(input_type, "") if input_type else ""
+        if prefix:
+            texts = [prefix + t for t in texts]
         # Batches of similar length waste little on padding; the output keeps the input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.dimension), np.float32)
@@ -114,20 +168,34 @@ def quantize_int8(export_dir: str | Path, out_dir: str | Path) -> Path:
     shutil.copytree(export_dir, out_dir, ignore=shutil.ignore_patterns("model.onnx"))
     quantize_dynamic(export_dir / "model.onnx", out_dir / "model.onnx", per_channel=True,
                      weight_type=QuantType.QInt8)
+    optimize_onnx(out_dir / "model.onnx", out_dir / OPTIMIZED)
     info = json.loads((out_dir / "export.json").read_text())
     (out_dir / "export.json").write_text(json.dumps({**info, "quantization": "int8-dynamic-per-channel"}, indent=2))
     return out_dir
 
 
-def parity(model_dir: str | Path, export_dir: str | Path, texts: list[str]) -> dict:
-    """Per-text cosine between torch and ONNX embeddings of the same texts."""
+def parity(reference: np.ndarray, embedder: OnnxEmbedder, texts: list[str]) -> dict:
+    """Per-text cosine between the torch embeddings and an ONNX session's for the same texts."""
+    got = embedder.encode(texts)
+    cos = np.sum(reference * got, axis=1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(got, axis=1))
+    return {"texts": len(texts), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+            "max_abs_diff": float(np.abs(reference - got).max())}
+
+
+def parity_gate(model_dir: str | Path, export_dir: str | Path, texts: list[str], min_cosine: float,
+                devices: list[str]) -> dict:
+    """Parity of every graph serving may load (portable, optimised, TensorRT) against torch."""
     from pipeline.encode import load_model
 
-    ref = load_model(str(model_dir), device="cpu").encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-    got = OnnxEmbedder(export_dir).encode(texts)
-    cos = np.sum(ref * got, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    return {"texts": len(texts), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-            "max_abs_diff": float(np.abs(ref - got).max())}
+    reference = load_model(str(model_dir), device="cpu").encode(texts, normalize_embeddings=True,
+                                                               convert_to_numpy=True)
+    checks = {"onnx": parity(reference, OnnxEmbedder(export_dir, optimized=False), texts),
+              "onnx-optimized": parity(reference, OnnxEmbedder(export_dir), texts)}
+    for device in devices:
+        checks[device] = parity(reference, OnnxEmbedder(export_dir, device=device), texts)
+    worst = min(checks, key=lambda k: checks[k]["min_cosine"])
+    return {"texts": len(texts), "threshold": min_cosine, "checks": checks, "worst": worst,
+            "min_cosine": checks[worst]["min_cosine"], "passed": checks[worst]["min_cosine"] >= min_cosine}
 
 
 def run_stage(cfg, run, rec) -> None:
@@ -143,13 +211,21 @@ def run_stage(cfg, run, rec) -> None:
     chunks = pq.read_table(run.root / "corpus" / "chunks.parquet").slice(0, cfg.export.parity_texts).to_pylist()
     queries = pq.read_table(run.root / "sdg" / "qa.parquet").slice(0, cfg.export.parity_texts).column("query")
     texts = [passage_text(c["title"], c["text"]) for c in chunks] + queries.to_pylist()
-    report = parity(model_dir, out_dir, texts)
-    report["threshold"] = cfg.export.min_cosine
-    report["passed"] = report["min_cosine"] >= cfg.export.min_cosine
+    devices = []
+    if cfg.export.tensorrt != "off":
+        why_not = tensorrt_unavailable()
+        if why_not and cfg.export.tensorrt == "required":
+            raise ValueError(f"export.tensorrt is 'required' but {why_not}")
+        if why_not:
+            print(f"[export] TensorRT engine skipped: {why_not}", flush=True)
+        else:
+            devices.append("tensorrt")  # building its session builds (and caches) the fp16 engine
+    report = parity_gate(model_dir, out_dir, texts, cfg.export.min_cosine, devices)
+    report["tensorrt"] = "built" if devices else ("off" if cfg.export.tensorrt == "off" else why_not)
     (rec.dir / "parity.json").write_text(json.dumps(report, indent=2))
     rec.manifest.counts = {"parity": report}
     if not report["passed"]:
-        raise ParityError(f"ONNX export diverges from torch: min cosine {report['min_cosine']:.6f} "
+        raise ParityError(f"the {report['worst']} graph diverges from torch: min cosine {report['min_cosine']:.6f} "
                           f"< {cfg.export.min_cosine} over {report['texts']} texts (see {rec.dir / 'parity.json'})")
     rec.phase("parity")
     if cfg.export.int8:

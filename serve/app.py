@@ -8,6 +8,7 @@ import base64
 import hmac
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -28,10 +29,11 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 @serve.ingress(api)
 class EmbeddingService:
     def __init__(self, export_dir: str, model_name: str, max_inputs: int, max_input_chars: int,
-                 max_batch_size: int, batch_wait_timeout_s: float, threads: int = 1, api_key: str | None = None):
+                 max_batch_size: int, batch_wait_timeout_s: float, threads: int = 1, api_key: str | None = None,
+                 device: str = "auto"):
         from pipeline.export import OnnxEmbedder
 
-        self.embedder = OnnxEmbedder(export_dir, threads=threads)
+        self.embedder = OnnxEmbedder(export_dir, threads=threads, device=pick_device(device, export_dir))
         self.model_name, self.max_inputs, self.max_input_chars = model_name, max_inputs, max_input_chars
         self.api_key = api_key
         self._embed_batch.set_max_batch_size(max_batch_size)
@@ -39,6 +41,7 @@ class EmbeddingService:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
+        # Requests arrive with their input_type's prompt already applied, so one batch can mix them.
         flat = [t for texts in requests for t in texts]
         emb = self.embedder.encode(flat)
         out, i = [], 0
@@ -76,6 +79,12 @@ class EmbeddingService:
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             return _error(400, "'encoding_format' must be 'float' or 'base64'")
+        input_type = body.get("input_type")
+        if input_type is not None:
+            if input_type not in ("query", "passage"):
+                return _error(400, "'input_type' must be 'query' or 'passage'")
+            prefix = self.embedder.prompts.get(input_type, "")
+            texts = [prefix + t for t in texts]
         return texts, fmt
 
     @api.post("/v1/embeddings")
@@ -113,10 +122,27 @@ class EmbeddingService:
         return {"status": "ok"}
 
 
+def pick_device(device: str, export_dir: str) -> str:
+    """'auto': TensorRT when the export stage built its engine here, CUDA when there is a GPU, else CPU."""
+    if device != "auto":
+        return device
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "TensorrtExecutionProvider" in available and (Path(export_dir) / "trt_cache").is_dir():
+        return "tensorrt"
+    return "cuda" if "CUDAExecutionProvider" in available else "cpu"
+
+
 def build_app(export_dir: str, model_name: str, serve_cfg):
+    replicas = {"num_replicas": serve_cfg.num_replicas}
+    if serve_cfg.autoscaling:
+        replicas = {"autoscaling_config": {"min_replicas": serve_cfg.min_replicas,
+                                           "max_replicas": serve_cfg.max_replicas,
+                                           "target_ongoing_requests": serve_cfg.target_ongoing_requests}}
     deployment = EmbeddingService.options(
-        num_replicas=serve_cfg.num_replicas,
-        ray_actor_options={"num_cpus": serve_cfg.cpus_per_replica},
+        **replicas,
+        ray_actor_options={"num_cpus": serve_cfg.cpus_per_replica, "num_gpus": serve_cfg.gpus_per_replica},
         # Ray's default of 5 ongoing requests per replica would silently cap batch sizes.
         max_ongoing_requests=serve_cfg.max_ongoing_requests or 2 * serve_cfg.max_batch_size,
         # A bounded queue: overload answers 503 at once instead of growing memory and latency.
@@ -125,7 +151,7 @@ def build_app(export_dir: str, model_name: str, serve_cfg):
     return deployment.bind(export_dir, model_name, serve_cfg.max_inputs, serve_cfg.max_input_chars,
                            serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s,
                            max(1, int(serve_cfg.cpus_per_replica)),
-                           serve_cfg.api_key or os.environ.get("RETROFIT_API_KEY") or None)
+                           serve_cfg.api_key or os.environ.get("RETROFIT_API_KEY") or None, serve_cfg.device)
 
 
 def start(export_dir: str, model_name: str, serve_cfg, app_name: str = APP_NAME, route_prefix: str = "/") -> str:

@@ -13,10 +13,13 @@ class EndpointError(RuntimeError):
 
 
 def embed(url: str, texts: list[str], model: str | None = None, encoding_format: str = "float",
-          timeout: float = 60.0, token: str | None = None) -> list[list[float]]:
+          timeout: float = 60.0, token: str | None = None, input_type: str | None = None) -> list[list[float]]:
+    """Embeddings from a /v1/embeddings endpoint; input_type 'query' or 'passage' applies the model's prompt."""
     body = {"input": texts, "encoding_format": encoding_format}
     if model:
         body["model"] = model
+    if input_type:
+        body["input_type"] = input_type
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     r = requests.post(f"{url.rstrip('/')}/v1/embeddings", json=body, timeout=timeout, headers=headers)
     if r.status_code != 200:

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.export import OnnxEmbedder, export_onnx, parity
+from pipeline.export import OnnxEmbedder, export_onnx, parity_gate
 
 TEXTS = ["json.dumps serialises obj to a JSON formatted str", "x",
          "Bug CSCwx12345 affects firmware 17.9.4a on RT-4410 routers " * 12]
@@ -24,8 +24,46 @@ def test_onnx_graph_alone_gives_normalised_embeddings_matching_torch(base_model,
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     single = OnnxEmbedder(exported).encode(TEXTS[:1])  # batch of one: no padding, other sequence length
     assert np.allclose(single[0], emb[0], atol=1e-5)
-    report = parity(base_model, exported, TEXTS)
-    assert report["min_cosine"] >= 0.9999
+    report = parity_gate(base_model, exported, TEXTS, 0.9999, devices=[])
+    assert report["passed"] and set(report["checks"]) == {"onnx", "onnx-optimized"}
+
+
+def test_optimised_graph_is_smaller_in_nodes_and_gives_the_same_embeddings(exported):
+    import onnx
+
+    info = json.loads((exported / "export.json").read_text())
+    plain = onnx.load(str(exported / "model.onnx"))
+    optimized = onnx.load(str(exported / info["optimized"]))
+    assert len(optimized.graph.node) < 0.8 * len(plain.graph.node)  # fusions really happened
+    a = OnnxEmbedder(exported, optimized=False).encode(TEXTS)
+    b = OnnxEmbedder(exported).encode(TEXTS)
+    assert np.allclose(a, b, atol=1e-5)
+
+
+def test_model_prompts_travel_with_the_export_and_apply_by_input_type(base_model, tmp_path):
+    from pipeline.encode import load_model
+
+    st = load_model(base_model, device="cpu")
+    st.prompts = {"query": "query: ", "passage": "passage: "}
+    st.save(str(tmp_path / "prompted"))
+    export_onnx(tmp_path / "prompted", tmp_path / "onnx", opset=17)
+    onnx_model = OnnxEmbedder(tmp_path / "onnx")
+    assert onnx_model.prompts == {"query": "query: ", "passage": "passage: "}
+    as_query = onnx_model.encode(TEXTS[:1], input_type="query")
+    assert np.allclose(as_query, onnx_model.encode(["query: " + TEXTS[0]]), atol=1e-5)
+    assert not np.allclose(as_query, onnx_model.encode(TEXTS[:1]), atol=1e-3)
+    torch_query = st.encode(TEXTS[:1], prompt_name="query", normalize_embeddings=True)
+    assert float(np.sum(torch_query * as_query)) > 0.9999
+
+
+def test_without_tensorrt_the_export_says_why(monkeypatch):
+    import onnxruntime as ort
+
+    from pipeline.export import tensorrt_unavailable
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    why = tensorrt_unavailable()
+    assert "TensorrtExecutionProvider" in why and "CPU" in why
 
 
 def test_parity_gate_catches_a_diverging_model(base_model, exported, tmp_path):
@@ -39,8 +77,8 @@ def test_parity_gate_catches_a_diverging_model(base_model, exported, tmp_path):
         for p in st.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     st.save(str(tmp_path / "perturbed"))
-    report = parity(tmp_path / "perturbed", exported, TEXTS)
-    assert report["min_cosine"] < 0.9999
+    report = parity_gate(tmp_path / "perturbed", exported, TEXTS, 0.9999, devices=[])
+    assert not report["passed"] and report["min_cosine"] < 0.9999
 
 
 def test_int8_variant_stays_close_to_fp32(exported, tmp_path):
