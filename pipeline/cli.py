@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="Embed one query through the endpoint, then stop.")
     p.add_argument("--query", default=DEMO_QUERY, help="The query used with --once.")
 
+    p = sub.add_parser("submit", help="Send a run to a Ray cluster as a Ray Job.",
+                       description="Submit the whole run (no serving) to a Ray cluster through the Jobs API. "
+                                   "--out must be a path every node of the cluster can read and write.")
+    _common(p)
+    p.add_argument("--corpus", metavar="PATH", help="Same as --set corpus.path=PATH (a path on the cluster).")
+    p.add_argument("--address", default=os.environ.get("RAY_JOBS_ADDRESS", "http://127.0.0.1:8265"),
+                   help="Ray Jobs API of the cluster's head (default: $RAY_JOBS_ADDRESS or http://127.0.0.1:8265).")
+    p.add_argument("--follow", action="store_true", help="Stream the job's logs until it ends.")
+
+    p = sub.add_parser("job", help="Status, logs or stop of a submitted run.",
+                       description="Inspect or stop a run submitted with `retrofit submit`.")
+    p.add_argument("action", choices=["status", "logs", "stop"])
+    p.add_argument("job_id")
+    p.add_argument("--address", default=os.environ.get("RAY_JOBS_ADDRESS", "http://127.0.0.1:8265"))
+
     p = sub.add_parser("query", help="Embed a text through a running endpoint.",
                        description="Embed a text through a running endpoint and print the vector.")
     p.add_argument("text", help="Text to embed.")
@@ -141,7 +156,27 @@ def main(argv: list[str] | None = None) -> int:
             vec = embed(args.url, [args.text])[0]
             print(json.dumps({"dimension": len(vec), "embedding": vec}))
             return 0
+        if args.command == "job":
+            from pipeline import submit
+
+            if args.action == "status":
+                print(json.dumps(submit.status(args.address, args.job_id), indent=2))
+            elif args.action == "logs":
+                print(submit.logs(args.address, args.job_id), end="")
+            else:
+                print("stopped" if submit.stop(args.address, args.job_id) else "already finished")
+            return 0
         cfg = _config(args)
+        if args.command == "submit":
+            from pipeline import submit
+
+            job_id = submit.submit(cfg, args.out, args.address)
+            print(f"submitted {job_id} to {args.address}; run directory {args.out}", flush=True)
+            if args.follow:
+                final = submit.follow(args.address, job_id)
+                print(f"job {job_id}: {final}")
+                return 0 if final == "SUCCEEDED" else 1
+            return 0
         if args.command == "eval" and args.beir:
             _eval_beir(args, cfg)
             return 0

@@ -15,6 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+# Where and on how many actors a stage runs: changing these never changes a stage's output.
+PLACEMENT = {"num_actors", "cpus_per_actor", "gpus_per_actor", "resources", "max_failures"}
+
+
 class Section(BaseModel):
     # Unknown keys are typos, not extensions: reject them so `lerning_rate: 1e-5` is not silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -51,6 +55,8 @@ class SDGConfig(Section):
     num_actors: int = Field(1, ge=1, description="LLM actors (one engine each).")
     cpus_per_actor: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor "
+                                        "(e.g. {gpu_node: 1}) to pin the stage to matching nodes.")
     min_query_chars: int = Field(8, ge=1)
     max_query_chars: int = Field(300, ge=8)
 
@@ -87,6 +93,9 @@ class PrepConfig(Section):
     roundtrip_top_k: int = Field(20, ge=0, description="Keep a query only if the mining model ranks its source "
                                  "chunk in its top k (0: keep all).")
     batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1, description="Embedding actors when the corpus is large enough for Ray.")
+    cpus_per_actor: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
     fixed_eval_set: bool = Field(True, description="Reuse the test split (documents and queries) of an earlier "
                                  "run on the same corpus, so metrics stay comparable across runs.")
     eval_set_root: str | None = Field(None, description="Where fixed evaluation sets are kept "
@@ -188,6 +197,8 @@ class ServeConfig(Section):
 class RayConfig(Section):
     address: str | None = Field(None, description="Cluster address; unset means RAY_ADDRESS or an embedded local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all).")
+    metrics_export_port: int | None = Field(None, ge=1, le=65535, description="Prometheus port of the embedded "
+                                            "Ray's metrics (serving metrics included); unset: Ray picks one.")
 
 
 class RetrofitConfig(Section):
@@ -203,8 +214,13 @@ class RetrofitConfig(Section):
     ray: RayConfig = RayConfig()
 
     def section_hash(self, *names: str, extra: dict | None = None) -> str:
-        """Hash of the named sections: a stage is rerun only when the settings it reads change."""
-        payload = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        """Hash of the named sections: a stage is rerun only when the settings it reads change.
+
+        Settings left at their defaults are not hashed, so a Retrofit upgrade that adds a setting does not
+        rerun finished stages (hours of SDG); placement settings (where and on how many actors a stage runs)
+        never change what it produces and are not hashed either."""
+        payload = {n: getattr(self, n).model_dump(mode="json", exclude_defaults=True, exclude=PLACEMENT)
+                   for n in names}
         payload["seed"] = self.seed
         payload["extra"] = extra or {}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

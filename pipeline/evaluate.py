@@ -111,7 +111,7 @@ def retrieve(model_path: str, corpus: list[dict], queries: dict[str, str], qids:
              cache: Path, batch_size: int) -> dict[str, dict[str, float]]:
     """Top-k documents per query, scored by cosine, for one model (any spec `make_encoder` takes)."""
     from pipeline.encode import encode_parquet
-    from pipeline.prep import search
+    from pipeline.prep import build_index, search
 
     cache.mkdir(parents=True, exist_ok=True)
     corpus_path = cache / "beir_corpus.parquet"
@@ -122,7 +122,8 @@ def retrieve(model_path: str, corpus: list[dict], queries: dict[str, str], qids:
     use_ray = len(corpus) > 50_000  # below that, actor start-up costs more than it saves
     doc_emb = encode_parquet(model_path, corpus_path, "passage", cache, batch_size=batch_size, use_ray=use_ray)
     q_emb = encode_parquet(model_path, query_path, "query", cache, batch_size=batch_size)
-    scores, idx = search(doc_emb, q_emb, top_k + 1)
+    index, _ = build_index(doc_emb, "flat")  # evaluation is always exact search
+    scores, idx = search(index, q_emb, top_k + 1)
     doc_ids = [str(d["_id"]) for d in corpus]
     run: dict[str, dict[str, float]] = {}
     for qi, q in enumerate(qids):

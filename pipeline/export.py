@@ -109,6 +109,18 @@ def providers_for(device: str, export_dir: Path, max_seq_length: int, max_batch:
     return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def pick_device(device: str, export_dir: str) -> str:
+    """'auto': TensorRT when the export stage built its engine here, CUDA when there is a GPU, else CPU."""
+    if device != "auto":
+        return device
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "TensorrtExecutionProvider" in available and (Path(export_dir) / "trt_cache").is_dir():
+        return "tensorrt"
+    return "cuda" if "CUDAExecutionProvider" in available else "cpu"
+
+
 def tensorrt_unavailable() -> str | None:
     """Why a TensorRT engine cannot be built here, or None when it can."""
     import onnxruntime as ort

@@ -289,7 +289,8 @@ def run_stage(cfg, run, rec) -> None:
     pq.write_table(pa.Table.from_pylist([{"query": r["query"]} for r in qa]), queries_path)
     use_ray = len(qa) + chunks.num_rows > 20_000
     cache = run.root / "cache" / "embeddings"
-    common = dict(batch_size=cfg.prep.batch_size, use_ray=use_ray, cpus=1)
+    common = dict(batch_size=cfg.prep.batch_size, use_ray=use_ray, num_actors=cfg.prep.num_actors,
+                  cpus=cfg.prep.cpus_per_actor, num_gpus=cfg.prep.gpus_per_actor)
     chunk_emb = encode_parquet(mining_model, chunks_path, "passage", cache, **common)
     query_emb = encode_parquet(mining_model, queries_path, "query", cache, **common)
     queries_path.unlink()

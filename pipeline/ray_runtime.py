@@ -17,7 +17,7 @@ from typing import Iterator
 log = logging.getLogger("retrofit.ray")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None) -> None:
     """Join RAY_ADDRESS (or `address`) when set; otherwise start an embedded local Ray."""
     import ray
 
@@ -29,13 +29,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join([project_root, os.environ.get("PYTHONPATH", "")]),
                         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                         "TOKENIZERS_PARALLELISM": "false"}}
-    if address:
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Inside a Ray Job (`retrofit submit`): the job's runtime env (our packages as its working_dir,
+        # same env vars) already applies to every worker; passing ours too would conflict.
+        ray.init(address=address, logging_level=logging.WARNING)
+    elif address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
     else:
         log.info("starting embedded local Ray")
+        # metrics_port: where Prometheus scrapes Ray's metrics (ours included); None lets Ray pick one.
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level=logging.WARNING,
-                 _node_ip_address="127.0.0.1")
+                 _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -67,7 +72,7 @@ class Progress:
 
 
 def map_shards(worker_cls: type, tasks: list[dict], *, ctor_kwargs: dict, use_ray: bool = True,
-               num_actors: int = 1, num_cpus: float = 1, num_gpus: float = 0,
+               num_actors: int = 1, num_cpus: float = 1, num_gpus: float = 0, resources: dict | None = None,
                label: str = "stage") -> Iterator[dict]:
     """Run worker_cls over shard tasks and yield one result dict per finished shard.
 
@@ -92,7 +97,7 @@ def map_shards(worker_cls: type, tasks: list[dict], *, ctor_kwargs: dict, use_ra
     ds = ds.map_batches(_BatchAdapter, fn_constructor_kwargs={"worker_cls": worker_cls, "ctor_kwargs": ctor_kwargs},
                         batch_size=1, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(tasks))),
-                        num_cpus=num_cpus, num_gpus=num_gpus)
+                        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)
     for row in ds.iter_rows():
         result = dict(row)
         progress.advance(extra=_summary(result))

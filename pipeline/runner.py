@@ -48,7 +48,7 @@ def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) 
     if name in NEEDS_RAY:
         from pipeline.ray_runtime import ensure_ray
 
-        ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+        ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)
     print(f"[{name}] running", flush=True)
     t0 = time.perf_counter()
     with rec:
@@ -70,7 +70,7 @@ def smoke_serve(cfg: RetrofitConfig, run: RunDir, query: str, keep_serving: bool
     from serve import app, client
 
     run.require("export", "serve")
-    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)
     export_dir = str(run.root / "export" / "onnx")
     url = app.start(export_dir, f"retrofit-{run.root.name}", cfg.serve)
     try:

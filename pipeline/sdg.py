@@ -202,9 +202,19 @@ class QueryGenerator:
                             rows.append({"qa_id": f"{chunk['chunk_id']}::{qtype}{j}", "query": q,
                                          "chunk_id": chunk["chunk_id"], "doc_id": chunk["doc_id"],
                                          "query_type": qtype, "generator": self.llm_name})
-        summary = {"shard_id": shard_id, "chunks": len(chunks), "queries": len(rows), **stats}
+        summary = {"shard_id": shard_id, "chunks": len(chunks), "queries": len(rows), **stats, "node": current_node()}
         write_shard(pa.Table.from_pylist(rows, QA_SCHEMA), self.shard_dir, shard_id, summary)
         return summary
+
+
+def current_node() -> str | None:
+    """The Ray node this worker runs on (None outside Ray): the manifest shows where shards were made."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
 
 
 def run_stage(cfg, run, rec) -> None:
@@ -220,7 +230,7 @@ def run_stage(cfg, run, rec) -> None:
     t0 = time.perf_counter()
     fresh = list(map_shards(
         QueryGenerator, tasks, use_ray=True, num_actors=cfg.sdg.num_actors, num_cpus=cfg.sdg.cpus_per_actor,
-        num_gpus=cfg.sdg.gpus_per_actor, label="sdg",
+        num_gpus=cfg.sdg.gpus_per_actor, resources=cfg.sdg.resources, label="sdg",
         ctor_kwargs={"llm_name": cfg.sdg.llm, "chunks_path": str(chunks_path), "shard_dir": str(shard_dir),
                      "sdg": cfg.sdg.model_dump(), "seed": cfg.seed, "cpus": cfg.sdg.cpus_per_actor}))
     seconds = time.perf_counter() - t0
@@ -230,13 +240,17 @@ def run_stage(cfg, run, rec) -> None:
     qa = pa.concat_tables([pq.read_table(p, schema=QA_SCHEMA) for p in shards])
     pq.write_table(qa, rec.output("qa.parquet"))
     totals: dict[str, int] = {}
+    nodes = set()
     for p in shards:
         for k, v in json.loads(p.with_suffix(".json").read_text()).items():
-            if k != "shard_id":
+            if k == "node":
+                nodes.add(v)
+            elif k != "shard_id":
                 totals[k] = totals.get(k, 0) + int(v)
     fresh_chunks = sum(int(r["chunks"]) for r in fresh)
     fresh_queries = sum(int(r["queries"]) for r in fresh)
     rec.manifest.counts = {**totals, "qa_pairs": qa.num_rows, "shards": len(shards), "resumed_shards": len(done),
+                           "ray_nodes": sorted(n for n in nodes if n),
                            "chunks_per_s": round(fresh_chunks / seconds, 3) if seconds and fresh else None,
                            "queries_per_s": round(fresh_queries / seconds, 3) if seconds and fresh else None}
     dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "duplicate", "truncated")}

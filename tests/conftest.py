@@ -25,11 +25,12 @@ def base_model() -> str:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray for the tests that need it (start-up costs ~5-9 s)."""
+    """One embedded Ray for the tests that need it (start-up costs ~5-9 s); yields its metrics port."""
     import ray
 
     from pipeline.ray_runtime import ensure_ray
 
-    ensure_ray(num_cpus=2)
-    yield
+    port = free_port()
+    ensure_ray(num_cpus=2, metrics_port=port)
+    yield port
     ray.shutdown()

@@ -47,3 +47,13 @@ def test_section_hash_changes_only_with_its_section():
     a, b = load_config(None), load_config(None, ["train.lr=1e-4"])
     assert a.section_hash("sdg") == b.section_hash("sdg")
     assert a.section_hash("train") != b.section_hash("train")
+
+
+def test_stage_hash_ignores_placement_and_defaults_but_not_real_settings():
+    from pipeline.config import load_config
+
+    base = load_config(None, []).section_hash("sdg")
+    assert load_config(None, ["sdg.num_actors=7", "sdg.resources.gpu_node=1"]).section_hash("sdg") == base
+    assert load_config(None, ["sdg.temperature=0.7"]).section_hash("sdg") == base  # the default, spelled out
+    assert load_config(None, ["sdg.temperature=0.3"]).section_hash("sdg") != base
+    assert load_config(None, ["sdg.query_types.claim=1"]).section_hash("sdg") != base

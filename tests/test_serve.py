@@ -18,12 +18,12 @@ def endpoint(base_model, tmp_path_factory, ray_local):
     export_onnx(base_model, export_dir, opset=17)
     cfg = load_config(None, [f"serve.port={free_port()}", "serve.max_inputs=4", "serve.max_input_chars=20000"])
     url = app.start(str(export_dir), "test-model", cfg.serve)
-    yield url, export_dir
+    yield url, export_dir, ray_local
     app.stop()
 
 
 def test_embeddings_match_the_exported_model(endpoint):
-    url, export_dir = endpoint
+    url, export_dir, _ = endpoint
     r = requests.post(f"{url}/v1/embeddings", json={"input": ["hello world", "json.dumps"], "model": "test-model"})
     assert r.status_code == 200
     body = r.json()
@@ -34,7 +34,7 @@ def test_embeddings_match_the_exported_model(endpoint):
 
 
 def test_string_input_and_base64(endpoint):
-    url, _ = endpoint
+    url, _, _ = endpoint
     r = requests.post(f"{url}/v1/embeddings", json={"input": "hello world", "encoding_format": "base64"})
     assert r.status_code == 200
     vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
@@ -47,18 +47,19 @@ def test_string_input_and_base64(endpoint):
     ({"input": [1, 2]}, 400, "string"),
     ({"text": "x"}, 400, "'input'"),
     ({"input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
+    ({"input": "x", "input_type": "document"}, 400, "input_type"),
     ({"input": ["a"] * 5}, 413, "limit of 4"),
     ({"input": "y" * 20001}, 413, "20000 characters"),
 ])
 def test_bad_requests_get_clear_errors(endpoint, body, status, words):
-    url, _ = endpoint
+    url, _, _ = endpoint
     r = requests.post(f"{url}/v1/embeddings", json=body)
     assert r.status_code == status
     assert words in r.json()["error"]["message"]
 
 
 def test_models_and_health(endpoint):
-    url, _ = endpoint
+    url, _, _ = endpoint
     assert requests.get(f"{url}/health").json() == {"status": "ok"}
     models = requests.get(f"{url}/v1/models").json()["data"]
     assert models[0]["id"] == "test-model" and models[0]["dimension"] == 384
@@ -69,7 +70,7 @@ def test_eval_through_the_endpoint_reproduces_in_process_metrics(endpoint, tmp_p
     from pipeline.evaluate import evaluate_models
     from tests.test_eval import _small_beir
 
-    url, export_dir = endpoint
+    url, export_dir, _ = endpoint
     beir = _small_beir(tmp_path / "beir", n_queries=10)
     result = evaluate_models(beir, {"onnx": str(export_dir), "endpoint": url}, 100, tmp_path / "cache", 4)
     for metric, value in result.means["onnx"].items():
@@ -77,7 +78,7 @@ def test_eval_through_the_endpoint_reproduces_in_process_metrics(endpoint, tmp_p
 
 
 def test_truncate_on_request(endpoint):
-    url, _ = endpoint
+    url, _, _ = endpoint
     r = requests.post(f"{url}/v1/embeddings", json={"input": "y" * 20001, "truncate": True})
     assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
 
@@ -85,7 +86,7 @@ def test_truncate_on_request(endpoint):
 def test_bearer_token_auth(endpoint):
     from serve import app
 
-    _, export_dir = endpoint
+    _, export_dir, _ = endpoint
     cfg = load_config(None, ["serve.api_key=s3cret"])
     assert "s3cret" not in str(cfg.model_dump())  # never dumped to config.yaml or logs
     cfg.serve.port = int(endpoint[0].rsplit(":", 1)[1])
@@ -110,7 +111,7 @@ def test_overload_answers_503_quickly_and_the_server_stays_healthy(endpoint):
 
     from serve import app
 
-    _, export_dir = endpoint
+    _, export_dir, _ = endpoint
     port = int(endpoint[0].rsplit(":", 1)[1])
     cfg = load_config(None, [f"serve.port={port}", "serve.max_batch_size=1", "serve.max_ongoing_requests=1",
                              "serve.max_queued_requests=1"])
@@ -127,3 +128,53 @@ def test_overload_answers_503_quickly_and_the_server_stays_healthy(endpoint):
         from ray import serve
 
         serve.delete("tiny")
+
+
+def test_input_type_applies_the_model_prompts(endpoint, base_model, tmp_path):
+    from pipeline.encode import load_model
+    from serve import app
+
+    # Serve is up (the endpoint fixture); this deploys a second app beside it.
+    st = load_model(base_model, device="cpu")
+    st.prompts = {"query": "query: ", "passage": "passage: "}
+    st.save(str(tmp_path / "prompted"))
+    export_onnx(tmp_path / "prompted", tmp_path / "onnx", opset=17)
+    cfg = load_config(None, [f"serve.port={endpoint[0].rsplit(':', 1)[1]}"])
+    url = app.start(str(tmp_path / "onnx"), "prompted", cfg.serve, app_name="prompted", route_prefix="/prompted")
+
+    def embed(**extra):
+        r = requests.post(f"{url}/v1/embeddings", json={"input": ["reset the router"], **extra})
+        assert r.status_code == 200, r.text
+        return np.array(r.json()["data"][0]["embedding"])
+
+    onnx_model = OnnxEmbedder(tmp_path / "onnx")
+    assert np.allclose(embed(input_type="query"), onnx_model.encode(["query: reset the router"])[0], atol=1e-5)
+    assert np.allclose(embed(input_type="passage"), onnx_model.encode(["passage: reset the router"])[0], atol=1e-5)
+    assert np.allclose(embed(), onnx_model.encode(["reset the router"])[0], atol=1e-5)
+
+
+def test_prometheus_metrics_count_requests_by_status(endpoint):
+    import time
+
+    url, _, metrics_port = endpoint
+    for body in ({"input": "metrics check"}, {"input": []}):
+        requests.post(f"{url}/v1/embeddings", json=body)
+
+    def counts():
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("ray_retrofit_embedding_requests_total{"):
+                status = line.split('status="')[1].split('"')[0]
+                found[status] = found.get(status, 0) + float(line.rsplit(" ", 1)[1])
+        return found, text
+
+    deadline = time.time() + 60  # Ray exports metrics every few seconds
+    while time.time() < deadline:
+        found, text = counts()
+        if found.get("200", 0) >= 1 and found.get("400", 0) >= 1:
+            break
+        time.sleep(2)
+    assert found.get("200", 0) >= 1 and found.get("400", 0) >= 1, found
+    assert "ray_retrofit_embedding_latency_seconds_bucket" in text
+    assert "ray_retrofit_embedding_batch_texts_bucket" in text
