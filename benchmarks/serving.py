@@ -1,0 +1,193 @@
+"""Serving: our Ray Serve endpoint vs in-process sentence-transformers vs infinity-emb, same machine.
+
+All three serve the packaged all-MiniLM-L6-v2 (ours: its ONNX export, the artifact the pipeline
+serves). Load comes from this process (a separate one from the servers): a fixed number of requests,
+one SciFact claim each, at concurrency 1, 4, 16 and 64. For in-process encoding, "concurrency c" means
+`SentenceTransformer.encode` on batches of c texts (the best an application without a server can
+do), and each text's latency is its batch's time.
+
+infinity-emb pins numpy<2 and sentence-transformers<4, which clash with ours, so it runs from its own
+virtual environment (made once):
+
+    python3 -m venv benchmarks/work/infinity-venv
+    benchmarks/work/infinity-venv/bin/pip install torch==2.13.0 "infinity-emb[server,torch]==0.0.78"
+
+    .venv/bin/python benchmarks/serving.py [--requests 512] [--skip-infinity]
+
+Prints throughput (requests/s) and p50/p99 latency per system and concurrency, the ratios
+ours/infinity and ours/in-process, and writes benchmarks/results/serving.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+WORK = ROOT / "benchmarks" / "work" / "serving"
+INFINITY_VENV = ROOT / "benchmarks" / "work" / "infinity-venv"
+CONCURRENCY = (1, 4, 16, 64)
+
+
+def claims(n: int) -> list[str]:
+    with open(SCIFACT / "queries.jsonl", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def load(url: str, model: str, texts: list[str], concurrency: int) -> dict:
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=concurrency, pool_maxsize=concurrency)
+    session.mount("http://", adapter)
+
+    def one(text: str) -> float:
+        t0 = time.perf_counter()
+        r = session.post(url, json={"input": [text], "model": model}, timeout=120)
+        r.raise_for_status()
+        assert len(r.json()["data"][0]["embedding"]) == 384
+        return time.perf_counter() - t0
+
+    for text in texts[:8]:  # warm-up
+        one(text)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, texts))
+    return summarise(latencies, time.perf_counter() - t0)
+
+
+def summarise(latencies: list[float], wall: float) -> dict:
+    return {"requests_per_s": round(len(latencies) / wall, 2),
+            "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
+            "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2)}
+
+
+def in_process(model_path: str, texts: list[str], concurrency: int, model=None) -> dict:
+    model.encode(texts[:8])  # warm-up
+    latencies, t0 = [], time.perf_counter()
+    for i in range(0, len(texts), concurrency):
+        b0 = time.perf_counter()
+        model.encode(texts[i:i + concurrency], batch_size=concurrency, normalize_embeddings=True)
+        latencies += [time.perf_counter() - b0] * len(texts[i:i + concurrency])
+    return summarise(latencies, time.perf_counter() - t0)
+
+
+def start_ours(export_dir: Path, port: int, overrides: list[str]) -> subprocess.Popen:
+    settings = [f"serve.port={port}", "serve.cpus_per_replica=2", "serve.max_queued_requests=256", *overrides]
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from pipeline.config import load_config\nfrom pipeline.ray_runtime import ensure_ray\nfrom serve import app\n"
+            "cfg = load_config(None, %r)\n"
+            "ensure_ray(num_cpus=2)\napp.start(%r, 'minilm', cfg.serve)\nprint('ready', flush=True)\n"
+            "while True: time.sleep(60)\n") % (str(ROOT), settings, str(export_dir))
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_infinity(model_path: str, port: int) -> subprocess.Popen:
+    exe = INFINITY_VENV / "bin" / "infinity_emb"
+    if not exe.exists():
+        raise SystemExit(f"{exe} is missing: make its venv first (see this script's docstring) or --skip-infinity")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    return subprocess.Popen([str(exe), "v2", "--model-id", model_path, "--served-model-name", "minilm",
+                             "--port", str(port), "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu",
+                             "--batch-size", "32", "--no-bettertransformer"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=512, help="Requests per concurrency level.")
+    ap.add_argument("--skip-infinity", action="store_true")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", help="serve.FIELD=VALUE for ours.")
+    args = ap.parse_args()
+
+    from benchmarks.common import write_result
+    from pipeline.encode import load_model
+    from pipeline.export import export_onnx
+    from pipeline.models import resolve_embedder
+
+    model_path = resolve_embedder("minilm")
+    export_dir = WORK / "onnx"
+    if not (export_dir / "export.json").exists():
+        export_onnx(model_path, export_dir, opset=17)
+    texts = claims(args.requests)
+    table: dict[str, dict[int, dict]] = {}
+
+    import torch
+
+    torch.set_num_threads(2)
+    st = load_model(model_path, device="cpu")
+    table["in-process"] = {c: in_process(model_path, texts, c, st) for c in CONCURRENCY}
+    del st
+    servers = [("ours", start_ours, str(export_dir), "/v1/embeddings", "/health")]
+    if not args.skip_infinity:
+        servers.append(("infinity", start_infinity, model_path, "/embeddings", "/health"))
+    for name, start, artifact, route, health in servers:
+        port = free_port()
+        proc = start(artifact, port) if name == "infinity" else start(Path(artifact), port, args.overrides)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}{health}", proc)
+            table[name] = {c: load(f"http://127.0.0.1:{port}{route}", "minilm", texts, c) for c in CONCURRENCY}
+        finally:
+            stop(proc)
+
+    print(f"{'system':12} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, rows in table.items():
+        for c, r in rows.items():
+            print(f"{name:12} {c:5d} {r['requests_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
+    ratios = {}
+    for other in ("infinity", "in-process"):
+        if other in table:
+            ratios[f"ours/{other}"] = {c: round(table["ours"][c]["requests_per_s"] / table[other][c]["requests_per_s"], 3)
+                                       for c in CONCURRENCY}
+            print(f"throughput ours/{other}: " + ", ".join(f"c={c}: {v:.2f}" for c, v in ratios[f"ours/{other}"].items()))
+    path = write_result("serving", {"requests": args.requests, "table": table, "ratios": ratios,
+                                    "ours_settings": args.overrides,
+                                    "command": "benchmarks/serving.py" + (" --skip-infinity" if args.skip_infinity else "")})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
