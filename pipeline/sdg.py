@@ -18,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.llm import make_engine, prompt_messages
+
 log = logging.getLogger("retrofit.sdg")
 
 QA_SCHEMA = pa.schema([
@@ -96,74 +98,50 @@ def write_shard(table: pa.Table, shard_dir: Path, shard_id: int, summary: dict) 
     os.replace(tmp, final)  # atomic: a killed worker leaves no half shard behind
 
 
+def parse_json_queries(reply: str) -> tuple[list[str], int]:
+    """Queries from a reply that should be a JSON list (of strings, or of objects with a 'query' field).
+
+    Parsed item by item: a malformed item is counted and dropped, the others are kept; a reply that is
+    not JSON at all (or cut off by the token limit) still yields the complete string items it holds."""
+    start = reply.find("[")
+    body = reply[start:] if start >= 0 else reply
+    try:
+        items = json.loads(body[:body.rfind("]") + 1]) if "]" in body else None
+    except json.JSONDecodeError:
+        items = None
+    if not isinstance(items, list):  # salvage complete "..." strings from a broken or truncated list
+        found = re.findall(r'"((?:[^"\\]|\\.)*)"', body)
+        items = []
+        for raw in found:
+            try:
+                items.append(json.loads(f'"{raw}"'))
+            except json.JSONDecodeError:
+                items.append(None)
+        if not found:
+            return [], 1
+    queries, malformed = [], 0
+    for item in items:
+        if isinstance(item, dict):
+            item = item.get("query") or item.get("question")
+        if isinstance(item, str) and item.strip():
+            queries.append(item.strip())
+        else:
+            malformed += 1
+    return queries, malformed
+
+
 class QueryGenerator:
-    """Holds one transformers LLM; process() turns one shard of chunks into QA rows."""
+    """Holds one LLM engine; process() turns one shard of chunks into QA rows."""
 
     def __init__(self, llm_name: str, chunks_path: str, shard_dir: str, sdg: dict,
                  seed: int, cpus: int = 1):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from pipeline.models import resolve_llm
         from pipeline.ray_runtime import set_threads
 
         set_threads(cpus)
-        llm_path = resolve_llm(llm_name)  # in the actor: on a cluster, each node converts/caches its own copy
         self.sdg, self.seed, self.llm_name = sdg, seed, llm_name
         self.prompts = load_prompts(sdg["prompts"], sdg["query_types"])
         self.chunks_path, self.shard_dir = chunks_path, Path(shard_dir)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.tok = AutoTokenizer.from_pretrained(llm_path)
-        self.tok.padding_side = "left"  # decoder-only batching: pad on the left so replies line up
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(self.device).eval()
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-
-    def prompt(self, text: str, spec: dict) -> str:
-        instruction, example_text, example_query = spec["instruction"], spec["example_text"], spec["example_query"]
-        if self.tok.chat_template:
-            msgs = [{"role": "user", "content": f"{instruction}\n\nText: {example_text}"},
-                    {"role": "assistant", "content": example_query},
-                    {"role": "user", "content": f"{instruction}\n\nText: {text}"}]
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        # Base (non-chat) models: a completion-style prompt with the same example.
-        return f"{instruction}\n\nText: {example_text}\nAnswer: {example_query}\n\nText: {text}\nAnswer:"
-
-    def fit_to_context(self, text: str) -> tuple[str, bool]:
-        """Truncate a chunk so prompt + reply fit the model's context; never send an over-long prompt."""
-        budget = self.context - self.sdg["max_new_tokens"] - 256  # 256: instruction + example
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget:
-            return text, False
-        return self.tok.decode(ids[:budget]), True
-
-    def generate(self, texts: list[str], spec: dict, n: int) -> list[list[str]]:
-        """`n` sampled replies per text, sharing one prefill of each prompt.
-
-        Prompts are run once to fill the KV cache, which is then repeated per sample: the prompt
-        (chunk + instructions) dominates the cost, so this is ~n times cheaper than n full prompts.
-        """
-        import torch
-        from transformers import DynamicCache
-
-        enc = self.tok([self.prompt(t, spec) for t in texts], return_tensors="pt", padding=True).to(self.device)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        sample = self.sdg["temperature"] > 0
-        with torch.inference_mode():
-            cache = DynamicCache()
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                       cache=cache, use_cache=True)
-            cache.batch_repeat_interleave(n)
-            out = self.model.generate(
-                input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                cache=cache, max_new_tokens=self.sdg["max_new_tokens"], do_sample=sample,
-                temperature=self.sdg["temperature"] if sample else None, top_p=0.9 if sample else None,
-                pad_token_id=self.tok.pad_token_id, stop_strings=["\n"], tokenizer=self.tok)
-        replies = self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        return [replies[i * n:(i + 1) * n] for i in range(len(texts))]
+        self.engine = make_engine(sdg, llm_name)
 
     def process(self, task: dict) -> dict:
         import torch
@@ -174,20 +152,27 @@ class QueryGenerator:
         torch.manual_seed(self.seed * 100_003 + shard_id)  # same shard, same queries, whatever the actor
         chunks = pq.read_table(self.chunks_path, memory_map=True).slice(
             int(task["start"]), int(task["stop"]) - int(task["start"])).to_pylist()
-        rows, stats = [], {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "duplicate": 0}
+        rows = []
+        stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "duplicate": 0, "malformed": 0}
         bs = self.sdg["batch_size"]
         for i in range(0, len(chunks), bs):
             batch = chunks[i:i + bs]
             texts = []
             for c in batch:
-                text, cut = self.fit_to_context(passage_text(c["title"], c["text"]))
+                text, cut = self.engine.fit_to_context(passage_text(c["title"], c["text"]))
                 stats["truncated"] += cut
                 texts.append(text)
             for qtype, spec in self.prompts.items():
-                replies_per_chunk = self.generate(texts, spec, self.sdg["query_types"][qtype])
+                n = self.sdg["query_types"][qtype]
+                as_json = self.sdg["output"] == "json"
+                prompts = [prompt_messages(t, spec, n_json=n if as_json else 0) for t in texts]
+                replies_per_chunk = self.engine.generate(prompts, 1 if as_json else n, stop_at_newline=not as_json)
                 for chunk, replies in zip(batch, replies_per_chunk):
+                    if as_json:
+                        replies, malformed = parse_json_queries(replies[0])
+                        stats["malformed"] += malformed
                     seen: set[str] = set()
-                    for j, reply in enumerate(replies):
+                    for j, reply in enumerate(replies[:n]):
                         q = clean_query(reply, spec)
                         if len(q) < self.sdg["min_query_chars"] or len(q.split()) < 2:
                             stats["too_short"] += 1
@@ -222,6 +207,8 @@ def run_stage(cfg, run, rec) -> None:
     n_chunks = pq.ParquetFile(chunks_path).metadata.num_rows
     shard_dir = rec.dir / "shards"
     done = finished_shards(shard_dir) if shard_dir.exists() else set()
+    for stale in shard_dir.glob(".shard-*.tmp"):  # half-written by a killed worker: never a shard
+        stale.unlink()
     tasks = shard_tasks(n_chunks, cfg.sdg.shard_size, done)
     if done:
         print(f"[sdg] resuming: {len(done)} finished shard(s) kept, {len(tasks)} to go", flush=True)
@@ -253,7 +240,8 @@ def run_stage(cfg, run, rec) -> None:
                            "ray_nodes": sorted(n for n in nodes if n),
                            "chunks_per_s": round(fresh_chunks / seconds, 3) if seconds and fresh else None,
                            "queries_per_s": round(fresh_queries / seconds, 3) if seconds and fresh else None}
-    dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "duplicate", "truncated")}
+    dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "duplicate", "malformed",
+                                             "truncated")}
     print(f"[sdg] {qa.num_rows} queries for {totals.get('chunks', 0)} chunks; dropped/flagged: {dropped}")
     for q in qa.column("query").to_pylist()[:: max(1, qa.num_rows // 3)][:3]:
         print(f"[sdg]   e.g. {q}")

@@ -1,6 +1,9 @@
 """Ray Serve application: the exported ONNX embedder behind an OpenAI-compatible /v1/embeddings.
 
 Requests are batched across callers with @serve.batch; each replica holds one ONNX Runtime session.
+Prometheus metrics (ours: requests by status, inputs, latency, batch sizes; Ray Serve's own: queue,
+replicas, HTTP errors including 503s) are Ray metrics: Ray aggregates them across replicas and nodes
+and serves them in Prometheus format on each node's metrics export port (`ray.metrics_export_port`).
 """
 
 
@@ -8,7 +11,7 @@ import base64
 import hmac
 import logging
 import os
-from pathlib import Path
+import time
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -31,9 +34,18 @@ class EmbeddingService:
     def __init__(self, export_dir: str, model_name: str, max_inputs: int, max_input_chars: int,
                  max_batch_size: int, batch_wait_timeout_s: float, threads: int = 1, api_key: str | None = None,
                  device: str = "auto"):
-        from pipeline.export import OnnxEmbedder
+        from pipeline.export import OnnxEmbedder, pick_device
 
         self.embedder = OnnxEmbedder(export_dir, threads=threads, device=pick_device(device, export_dir))
+        from ray.util import metrics
+
+        self.requests = metrics.Counter("retrofit_embedding_requests", description="Embedding requests by status.",
+                                        tag_keys=("status",))
+        self.inputs = metrics.Counter("retrofit_embedding_inputs", description="Texts embedded.")
+        self.latency = metrics.Histogram("retrofit_embedding_latency_seconds", description="Request latency.",
+                                         boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5])
+        self.batch_texts = metrics.Histogram("retrofit_embedding_batch_texts", description="Texts per model call.",
+                                             boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
         self.model_name, self.max_inputs, self.max_input_chars = model_name, max_inputs, max_input_chars
         self.api_key = api_key
         self._embed_batch.set_max_batch_size(max_batch_size)
@@ -43,6 +55,7 @@ class EmbeddingService:
     async def _embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
         # Requests arrive with their input_type's prompt already applied, so one batch can mix them.
         flat = [t for texts in requests for t in texts]
+        self.batch_texts.observe(len(flat))
         emb = self.embedder.encode(flat)
         out, i = [], 0
         for texts in requests:
@@ -89,6 +102,14 @@ class EmbeddingService:
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request):
+        started = time.perf_counter()
+        response = await self._embeddings(request)
+        status = response.status_code if isinstance(response, JSONResponse) else 200
+        self.requests.inc(tags={"status": str(status)})
+        self.latency.observe(time.perf_counter() - started)
+        return response
+
+    async def _embeddings(self, request: Request):
         denied = self._unauthorized(request)
         if denied:
             return denied
@@ -100,6 +121,7 @@ class EmbeddingService:
         if isinstance(checked, JSONResponse):
             return checked
         texts, fmt = checked
+        self.inputs.inc(len(texts))
         emb = await self._embed_batch(texts)
         data = []
         for i, vec in enumerate(emb):
@@ -120,18 +142,6 @@ class EmbeddingService:
     @api.get("/health")
     async def health(self):
         return {"status": "ok"}
-
-
-def pick_device(device: str, export_dir: str) -> str:
-    """'auto': TensorRT when the export stage built its engine here, CUDA when there is a GPU, else CPU."""
-    if device != "auto":
-        return device
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if "TensorrtExecutionProvider" in available and (Path(export_dir) / "trt_cache").is_dir():
-        return "tensorrt"
-    return "cuda" if "CUDAExecutionProvider" in available else "cpu"
 
 
 def build_app(export_dir: str, model_name: str, serve_cfg):

@@ -120,3 +120,40 @@ def test_interrupted_sdg_resumes_only_missing_shards(run_dir):
     qa = pq.read_table(run / "sdg" / "qa.parquet")
     assert qa.num_rows == total - lost_rows + pq.read_table(lost).num_rows
     assert len(set(qa.column("qa_id").to_pylist())) == qa.num_rows  # nothing duplicated
+
+
+def test_sdg_killed_mid_run_resumes_without_losing_or_duplicating(tmp_path):
+    """SIGKILL the whole `retrofit sdg` process group (driver, Ray, LLM actors) once some shards are
+    written; the rerun keeps every finished shard, makes only the missing ones, duplicates nothing."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    settings = ["corpus.sample_docs=6", "corpus.chunk_tokens=128", "corpus.chunk_overlap=16",
+                "sdg.query_types.question=1", "sdg.query_types.keyword=0", "sdg.shard_size=2", "sdg.num_actors=2"]
+    args = [a for s in settings for a in ("--set", s)]
+    retrofit("corpus", "--corpus", "sample", "--out", str(run), *args)
+    shard_dir = run / "sdg" / "shards"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sdg", "--corpus", "sample", "--out", str(run),
+                             *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(shard_dir.glob("shard-*.parquet"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.parquet")}
+    n_chunks = pq.read_table(run / "corpus" / "chunks.parquet").num_rows
+    total_shards = (n_chunks + 1) // 2
+    assert 2 <= len(finished) < total_shards, "the kill must land mid-run"
+    assert manifest(run, "sdg")["status"] == "running"
+
+    output = retrofit("sdg", "--corpus", "sample", "--out", str(run), *args)
+    assert f"{len(finished)} finished shard(s) kept, {total_shards - len(finished)} to go" in output
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    qa = pq.read_table(run / "sdg" / "qa.parquet")
+    ids = qa.column("qa_id").to_pylist()
+    assert len(set(ids)) == len(ids) and manifest(run, "sdg")["status"] == "completed"
+    shard_rows = sum(pq.read_table(p).num_rows for p in shard_dir.glob("shard-*.parquet"))
+    assert qa.num_rows == shard_rows and len(list(shard_dir.glob("shard-*.parquet"))) == total_shards
+    assert not list(shard_dir.glob(".*.tmp"))  # no half-written shard survives as a shard

