@@ -10,6 +10,7 @@ Both final models are scored with the same val NDCG@10 (the val queries against 
 
     .venv/bin/python benchmarks/training.py [--run benchmarks/work/scifact-300]
 
+Ours runs twice: with the DeepSpeed ZeRO-2 engine (the default) and with the plain AdamW engine.
 Prints examples/s, peak memory and val NDCG@10 for each and the ratios; writes results/training.json.
 """
 from __future__ import annotations
@@ -44,15 +45,15 @@ def make_run(source: Path, root: Path):
     return run
 
 
-def train_ours(work: Path, source: Path) -> tuple[str, int, float]:
+def train_ours(work: Path, source: Path, engine: str) -> tuple[str, int, float]:
     from pipeline.config import load_config
     from pipeline.runner import run_stage
 
-    run = make_run(source, work / "ours")
+    run = make_run(source, work / f"ours-{engine}")
     cfg = load_config(None, [f"train.batch_size={SETTINGS['batch_size']}", f"train.epochs={SETTINGS['epochs']}",
                              f"train.negatives_per_query={SETTINGS['negatives']}", f"train.lr={SETTINGS['lr']}",
                              f"train.temperature={SETTINGS['temperature']}", "train.cpus_per_worker=2",
-                             "train.keep=last", "ray.num_cpus=2"])
+                             "train.keep=last", "ray.num_cpus=2", f"train.engine={engine}"])
     run_stage("train", cfg, run, force=True)
     log = [json.loads(x) for x in (run.root / "train" / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r and "event" not in r]
@@ -110,11 +111,15 @@ def val_ndcg(model_path: str, source: Path) -> float:
 
 
 def child(method: str, work: Path, source: Path) -> dict:
+    """method: 'ours-deepspeed', 'ours-ddp' or 'sentence-transformers'."""
     import pyarrow.parquet as pq
 
     n_rows = pq.ParquetFile(source / "prep" / "train.parquet").metadata.num_rows
     t0 = time.perf_counter()
-    model, steps, loop_rate = (train_ours if method == "ours" else train_sentence_transformers)(work, source)
+    if method.startswith("ours"):
+        model, steps, loop_rate = train_ours(work, source, method.split("-", 1)[1])
+    else:
+        model, steps, loop_rate = train_sentence_transformers(work, source)
     seconds = time.perf_counter() - t0
     examples = steps * SETTINGS["batch_size"]
     return {"method": method, "train_rows": n_rows, "steps": steps, "seconds": round(seconds, 1),
@@ -152,6 +157,8 @@ def main() -> int:
     ap.add_argument("--run", default=str(ROOT / "benchmarks" / "work" / "scifact-300"),
                     help="A run folder with prep/train.parquet and prep/val.parquet.")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "training"))
+    ap.add_argument("--methods", nargs="+", default=["ours-deepspeed", "ours-ddp", "sentence-transformers"],
+                    choices=["ours-deepspeed", "ours-ddp", "sentence-transformers"])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     source, work = Path(args.run), Path(args.work)
@@ -164,7 +171,7 @@ def main() -> int:
     from benchmarks.common import write_result
 
     results = []
-    for method in ("ours", "sentence-transformers"):
+    for method in args.methods:
         proc, peak = run_measured([sys.executable, __file__, "--child", method, "--run", str(source),
                                    "--work", str(work)])
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -178,15 +185,20 @@ def main() -> int:
         print(f"{r['method']:22} {r['steps']:5d} {r['seconds']:8.1f} {r['examples_per_s']:10.2f} "
               f"{r['loop_examples_per_s']:8.2f} "
               f"{r['peak_rss']['tree_mib']:9d} {r['peak_rss']['largest_process_mib']:11d} {r['val_ndcg@10']:11.4f}")
-    ours, st = results
-    ratios = {"examples_per_s_ours_over_st": round(ours["examples_per_s"] / st["examples_per_s"], 3),
-              "loop_examples_per_s_ours_over_st": round(ours["loop_examples_per_s"] / st["loop_examples_per_s"], 3),
-              "peak_tree_rss_ours_over_st": round(ours["peak_rss"]["tree_mib"] / st["peak_rss"]["tree_mib"], 3),
-              "peak_trainer_rss_ours_over_st": round(ours["peak_rss"]["largest_process_mib"]
-                                                     / st["peak_rss"]["largest_process_mib"], 3)}
-    print("ratios ours/ST: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
-    path = write_result("training", {"settings": SETTINGS, "source_run": str(source), "results": results,
-                                     "ratios": ratios, "command": "benchmarks/training.py"})
+    by_name = {r["method"]: r for r in results}
+    st = by_name.get("sentence-transformers")
+    ratios = {}
+    for name, ours in by_name.items():
+        if st is None or name == "sentence-transformers":
+            continue
+        ratios[name] = {"examples_per_s_over_st": round(ours["examples_per_s"] / st["examples_per_s"], 3),
+                        "loop_examples_per_s_over_st": round(ours["loop_examples_per_s"] / st["loop_examples_per_s"], 3),
+                        "peak_tree_rss_over_st": round(ours["peak_rss"]["tree_mib"] / st["peak_rss"]["tree_mib"], 3),
+                        "peak_trainer_rss_over_st": round(ours["peak_rss"]["largest_process_mib"]
+                                                          / st["peak_rss"]["largest_process_mib"], 3)}
+        print(f"{name} / sentence-transformers: " + ", ".join(f"{k} {v}" for k, v in ratios[name].items()))
+    path = write_result("training" if len(results) == 3 else "training-" + "-".join(args.methods), {"settings": SETTINGS, "source_run": str(source), "results": results,
+                                     "ratios": ratios, "command": "benchmarks/training.py --methods " + " ".join(args.methods)})
     print(f"wrote {path}")
     return 0
 

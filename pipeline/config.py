@@ -64,6 +64,8 @@ class SDGConfig(Section):
                                                     "... as defined in the prompts file).")
     prompts: str | None = Field(None, description="YAML file of query-type prompts (default: pipeline/prompts.yaml).")
     max_new_tokens: int = Field(48, ge=8, le=2048, description="Reply length cap (a query is one line).")
+    length_reference_tokens: int | None = Field(None, ge=1, description="Scale queries per chunk with its length: "
+                                                "a chunk of this many tokens gets the full count, shorter ones fewer.")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding.")
     batch_size: int = Field(8, ge=1, description="Chunks per generate() call.")
     shard_size: int = Field(32, ge=1, description="Chunks per output shard (the unit of resume).")
@@ -105,6 +107,8 @@ class PrepConfig(Section):
     judge_top: int = Field(5, ge=1, description="Candidates per query the judge looks at.")
     judge_ratio: float = Field(1.0, gt=0.0, description="Drop a candidate the judge scores at least judge_ratio "
                                "x its score for the query's own positive.")
+    near_duplicate_cosine: float = Field(0.97, ge=0.0, le=1.0, description="Drop a query this similar (cosine) to "
+                                         "an earlier query for the same chunk (0: keep all).")
     roundtrip_top_k: int = Field(20, ge=0, description="Keep a query only if the mining model ranks its source "
                                  "chunk in its top k (0: keep all).")
     batch_size: int = Field(64, ge=1)

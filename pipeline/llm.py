@@ -61,6 +61,7 @@ class TransformersEngine:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(self.device).eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.output_tokens = 0
 
     def render(self, messages: list[dict]) -> str:
         if self.tok.chat_template:
@@ -99,7 +100,9 @@ class TransformersEngine:
                 temperature=self.sdg["temperature"] if sample else None, top_p=0.9 if sample else None,
                 pad_token_id=self.tok.pad_token_id, stop_strings=["\n"] if stop_at_newline else None,
                 tokenizer=self.tok)
-        replies = self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        generated = out[:, ids.shape[1]:]
+        self.output_tokens += int((generated != self.tok.pad_token_id).sum())
+        replies = self.tok.batch_decode(generated, skip_special_tokens=True)
         return [replies[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
@@ -118,6 +121,7 @@ class VLLMEngine(TransformersEngine):
         self.tok = AutoTokenizer.from_pretrained(llm_path)
         self.llm = LLM(model=llm_path, enable_prefix_caching=True, seed=0, dtype="auto")
         self.context = int(self.llm.llm_engine.model_config.max_model_len)
+        self.output_tokens = 0
 
     def generate(self, prompts: list[list[dict]], n: int, stop_at_newline: bool) -> list[list[str]]:
         from vllm import SamplingParams
@@ -125,6 +129,7 @@ class VLLMEngine(TransformersEngine):
         params = SamplingParams(n=n, temperature=self.sdg["temperature"], top_p=0.9 if self.sdg["temperature"] else 1.0,
                                 max_tokens=self.sdg["max_new_tokens"], stop=["\n"] if stop_at_newline else None)
         outs = self.llm.generate([self.render(m) for m in prompts], params, use_tqdm=False)
+        self.output_tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
         return [[c.text for c in o.outputs] for o in outs]
 
 
@@ -143,6 +148,7 @@ class OpenAIEngine:
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
         self.context_chars = sdg["openai_max_chunk_chars"]
+        self.output_tokens = 0
         try:  # fail at start, not mid-run, when the server is not there
             r = self.session.get(f"{self.base}/models", timeout=sdg["openai_timeout_s"])
             r.raise_for_status()
@@ -188,7 +194,9 @@ class OpenAIEngine:
                     "temperature": self.sdg["temperature"], "top_p": 0.9 if self.sdg["temperature"] else 1.0}
             if stop_at_newline:
                 body["stop"] = ["\n"]
-            return [c["message"]["content"] or "" for c in sorted(self._post(body)["choices"], key=lambda c: c["index"])]
+            answer = self._post(body)
+            self.output_tokens += int((answer.get("usage") or {}).get("completion_tokens", 0))
+            return [c["message"]["content"] or "" for c in sorted(answer["choices"], key=lambda c: c["index"])]
 
         with ThreadPoolExecutor(max_workers=self.sdg["openai_concurrency"]) as pool:
             return list(pool.map(one, prompts))

@@ -172,6 +172,25 @@ def _second_opinion(qa, rows, judge, top: int, ratio: float, passages: list[str]
     stats["judge_dropped"] = sum(len(ks) for ks in flagged.values())
 
 
+def near_duplicates(qa: list[dict], query_emb: np.ndarray, threshold: float) -> tuple[np.ndarray, dict]:
+    """Keep-mask that drops a query whose embedding is within `threshold` cosine of an earlier kept query
+    for the same chunk (rephrasings that add nothing); other chunks' queries are never compared."""
+    keep = np.ones(len(qa), dtype=bool)
+    if threshold <= 0:
+        return keep, {"threshold": 0, "dropped": 0}
+    kept_by_chunk: dict[str, list[int]] = {}
+    examples = []
+    for i, row in enumerate(qa):
+        earlier = kept_by_chunk.setdefault(row["chunk_id"], [])
+        if earlier and float(np.max(query_emb[earlier] @ query_emb[i])) >= threshold:
+            keep[i] = False
+            if len(examples) < 5:
+                examples.append(row["query"])
+        else:
+            earlier.append(i)
+    return keep, {"threshold": threshold, "dropped": int((~keep).sum()), "dropped_examples": examples}
+
+
 def roundtrip_filter(qa: list[dict], mined: list[dict], top_k: int) -> tuple[list[dict], list[dict], dict]:
     """Keep a query only if the mining model ranks its source chunk in the top k: drops queries that
     do not describe their chunk (meta replies such as "The claim is not supported", copied examples)."""
@@ -294,6 +313,8 @@ def run_stage(cfg, run, rec) -> None:
     chunk_emb = encode_parquet(mining_model, chunks_path, "passage", cache, **common)
     query_emb = encode_parquet(mining_model, queries_path, "query", cache, **common)
     queries_path.unlink()
+    keep, near_dup = near_duplicates(qa, query_emb, cfg.prep.near_duplicate_cosine)
+    qa, query_emb = [r for r, k in zip(qa, keep) if k], query_emb[keep]
     rec.phase("embed")
 
     chunk_ids = chunks.column("chunk_id").to_pylist()
@@ -350,5 +371,5 @@ def run_stage(cfg, run, rec) -> None:
     rec.manifest.counts = {**{f"{k}_rows": len(v) for k, v in splits.items()}, "queries": n_queries,
                            "query_positive_pairs": n_pairs,
                            "documents": {s: sum(1 for v in split_of.values() if v == s) for s in splits},
-                           "negatives": stats, "roundtrip_filter": roundtrip,
+                           "negatives": stats, "near_duplicates": near_dup, "roundtrip_filter": roundtrip,
                            "eval_set": {"path": str(eval_set) if eval_set else None, "reused": frozen}}

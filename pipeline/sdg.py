@@ -98,6 +98,15 @@ def write_shard(table: pa.Table, shard_dir: Path, shard_id: int, summary: dict) 
     os.replace(tmp, final)  # atomic: a killed worker leaves no half shard behind
 
 
+def queries_for(n_tokens: int, n: int, sdg: dict) -> int:
+    """Queries to keep for a chunk: n, or with sdg.length_reference_tokens set, n scaled by the chunk's
+    length against that reference (at least 1, at most n: short chunks hold fewer distinct questions)."""
+    ref = sdg.get("length_reference_tokens")
+    if not ref or not n:
+        return n
+    return max(1, min(n, round(n * n_tokens / ref)))
+
+
 def parse_json_queries(reply: str) -> tuple[list[str], int]:
     """Queries from a reply that should be a JSON list (of strings, or of objects with a 'query' field).
 
@@ -155,6 +164,7 @@ class QueryGenerator:
         rows = []
         stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "duplicate": 0, "malformed": 0}
         bs = self.sdg["batch_size"]
+        tokens_before = self.engine.output_tokens
         for i in range(0, len(chunks), bs):
             batch = chunks[i:i + bs]
             texts = []
@@ -172,7 +182,7 @@ class QueryGenerator:
                         replies, malformed = parse_json_queries(replies[0])
                         stats["malformed"] += malformed
                     seen: set[str] = set()
-                    for j, reply in enumerate(replies[:n]):
+                    for j, reply in enumerate(replies[:queries_for(chunk["n_tokens"], n, self.sdg)]):
                         q = clean_query(reply, spec)
                         if len(q) < self.sdg["min_query_chars"] or len(q.split()) < 2:
                             stats["too_short"] += 1
@@ -187,7 +197,8 @@ class QueryGenerator:
                             rows.append({"qa_id": f"{chunk['chunk_id']}::{qtype}{j}", "query": q,
                                          "chunk_id": chunk["chunk_id"], "doc_id": chunk["doc_id"],
                                          "query_type": qtype, "generator": self.llm_name})
-        summary = {"shard_id": shard_id, "chunks": len(chunks), "queries": len(rows), **stats, "node": current_node()}
+        summary = {"shard_id": shard_id, "chunks": len(chunks), "queries": len(rows), **stats,
+                   "output_tokens": self.engine.output_tokens - tokens_before, "node": current_node()}
         write_shard(pa.Table.from_pylist(rows, QA_SCHEMA), self.shard_dir, shard_id, summary)
         return summary
 
@@ -236,10 +247,12 @@ def run_stage(cfg, run, rec) -> None:
                 totals[k] = totals.get(k, 0) + int(v)
     fresh_chunks = sum(int(r["chunks"]) for r in fresh)
     fresh_queries = sum(int(r["queries"]) for r in fresh)
+    fresh_tokens = sum(int(r.get("output_tokens", 0)) for r in fresh)
     rec.manifest.counts = {**totals, "qa_pairs": qa.num_rows, "shards": len(shards), "resumed_shards": len(done),
                            "ray_nodes": sorted(n for n in nodes if n),
                            "chunks_per_s": round(fresh_chunks / seconds, 3) if seconds and fresh else None,
-                           "queries_per_s": round(fresh_queries / seconds, 3) if seconds and fresh else None}
+                           "queries_per_s": round(fresh_queries / seconds, 3) if seconds and fresh else None,
+                           "output_tokens_per_s": round(fresh_tokens / seconds, 1) if seconds and fresh else None}
     dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "duplicate", "malformed",
                                              "truncated")}
     print(f"[sdg] {qa.num_rows} queries for {totals.get('chunks', 0)} chunks; dropped/flagged: {dropped}")

@@ -135,10 +135,13 @@ def test_sdg_killed_mid_run_resumes_without_losing_or_duplicating(tmp_path):
     args = [a for s in settings for a in ("--set", s)]
     retrofit("corpus", "--corpus", "sample", "--out", str(run), *args)
     shard_dir = run / "sdg" / "shards"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sdg", "--corpus", "sample", "--out", str(run),
-                             *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "sdg.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sdg", "--out", str(run), *args],
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline and len(list(shard_dir.glob("shard-*.parquet"))) < 2:
+        assert proc.poll() is None, f"retrofit sdg exited early:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -148,7 +151,7 @@ def test_sdg_killed_mid_run_resumes_without_losing_or_duplicating(tmp_path):
     assert 2 <= len(finished) < total_shards, "the kill must land mid-run"
     assert manifest(run, "sdg")["status"] == "running"
 
-    output = retrofit("sdg", "--corpus", "sample", "--out", str(run), *args)
+    output = retrofit("sdg", "--out", str(run), *args)
     assert f"{len(finished)} finished shard(s) kept, {total_shards - len(finished)} to go" in output
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
     qa = pq.read_table(run / "sdg" / "qa.parquet")

@@ -289,3 +289,16 @@ def test_embedding_cache_is_keyed_by_model_and_table(tmp_path, base_model):
     pq.write_table(pa.table({"query": ["how to open a file", "sort a list"]}), table)
     third = encode_parquet(base_model, table, "query", cache)
     assert len(list(cache.iterdir())) == 3 and np.allclose(third[0], first[0], atol=1e-5)
+
+
+def test_near_duplicate_queries_of_a_chunk_are_dropped_but_other_chunks_keep_theirs():
+    from pipeline.prep import near_duplicates
+
+    base = _unit([1, 0, 0, 0])
+    emb = np.stack([base, _unit([1, 0.05, 0, 0]), _unit([0, 1, 0, 0]), _unit([1, 0.05, 0, 0])])
+    qa = [{"chunk_id": "a", "query": "q0"}, {"chunk_id": "a", "query": "q0 again"},
+          {"chunk_id": "a", "query": "other"}, {"chunk_id": "b", "query": "q0 for b"}]
+    keep, summary = near_duplicates(qa, emb, 0.97)
+    assert keep.tolist() == [True, False, True, True]
+    assert summary["dropped"] == 1 and summary["dropped_examples"] == ["q0 again"]
+    assert near_duplicates(qa, emb, 0)[0].all()

@@ -40,3 +40,19 @@ def test_shard_tasks_skip_finished_shards():
     tasks = shard_tasks(100, 32, done={1})
     assert [t["shard_id"] for t in tasks] == [0, 2, 3]
     assert tasks[-1] == {"shard_id": 3, "start": 96, "stop": 100}
+
+
+def test_queries_scale_with_chunk_length_when_asked():
+    from pipeline.sdg import queries_for
+
+    assert queries_for(40, 3, {}) == 3  # off by default
+    sdg = {"length_reference_tokens": 200}
+    assert [queries_for(t, 3, sdg) for t in (10, 70, 130, 200, 400)] == [1, 1, 2, 3, 3]
+    assert queries_for(10, 0, sdg) == 0
+
+
+def test_every_packaged_query_type_has_what_the_generator_needs():
+    from pipeline.sdg import load_prompts
+
+    prompts = load_prompts(None, {"question": 1, "claim": 1, "keyword": 1, "paraphrase": 1})
+    assert set(prompts) == {"question", "claim", "keyword", "paraphrase"}

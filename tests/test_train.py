@@ -93,9 +93,14 @@ def test_killed_worker_resumes_from_its_checkpoint_with_two_deepspeed_workers(tm
     def records():
         return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
 
+    def checkpointed() -> bool:  # persisted by the worker and, two steps later, registered by Ray Train
+        return (any(r.get("step", -1) >= 5 for r in records())
+                and any((run.root / "cache" / "ray_train").glob("train-*/checkpoint_*")))
+
     deadline = time.time() + 600
-    while time.time() < deadline and not any(r.get("step", -1) >= 4 for r in records()):
-        time.sleep(0.5)  # step index 4 runs after the checkpoint at global step 3 was reported
+    while time.time() < deadline and not checkpointed():
+        time.sleep(0.5)
+    time.sleep(2)  # Ray Train's controller polls workers for reports: let it take the checkpoint in
     pids = json.loads((run.root / "train" / "worker_pids.json").read_text())
     os.kill(pids[1], signal.SIGKILL)
     worker.join(timeout=900)
