@@ -159,10 +159,14 @@ class QueryGenerator:
 
         shard_id = int(task["shard_id"])
         torch.manual_seed(self.seed * 100_003 + shard_id)  # same shard, same queries, whatever the actor
-        chunks = pq.read_table(self.chunks_path, memory_map=True).slice(
-            int(task["start"]), int(task["stop"]) - int(task["start"])).to_pylist()
+        start, stop = int(task["start"]), int(task["stop"])
+        # One row past the shard: the last chunk's successor, for multi-hop pairs across the shard edge.
+        chunks = pq.read_table(self.chunks_path, memory_map=True).slice(start, stop - start + 1).to_pylist()
+        successor = {c["chunk_id"]: n for c, n in zip(chunks, chunks[1:]) if n["doc_id"] == c["doc_id"]}
+        chunks = chunks[:stop - start]
         rows = []
-        stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "duplicate": 0, "malformed": 0}
+        stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "duplicate": 0, "malformed": 0,
+                 "pairs": 0}
         bs = self.sdg["batch_size"]
         tokens_before = self.engine.output_tokens
         for i in range(0, len(chunks), bs):
@@ -175,9 +179,22 @@ class QueryGenerator:
             for qtype, spec in self.prompts.items():
                 n = self.sdg["query_types"][qtype]
                 as_json = self.sdg["output"] == "json"
-                prompts = [prompt_messages(t, spec, n_json=n if as_json else 0) for t in texts]
+                items = [(c, t, None) for c, t in zip(batch, texts)]
+                if spec.get("pair") == "next_chunk":  # multi-hop: a question that needs this chunk and the next
+                    items = []
+                    for c, t in zip(batch, texts):
+                        if c["chunk_id"] in successor:
+                            partner = successor[c["chunk_id"]]
+                            pair, cut = self.engine.fit_to_context(
+                                f"{t}\n\n{passage_text(partner['title'], partner['text'])}")
+                            stats["truncated"] += cut
+                            items.append((c, pair, partner["chunk_id"]))
+                    stats["pairs"] += len(items)
+                if not items:
+                    continue
+                prompts = [prompt_messages(t, spec, n_json=n if as_json else 0) for _, t, _ in items]
                 replies_per_chunk = self.engine.generate(prompts, 1 if as_json else n, stop_at_newline=not as_json)
-                for chunk, replies in zip(batch, replies_per_chunk):
+                for (chunk, _, related), replies in zip(items, replies_per_chunk):
                     if as_json:
                         replies, malformed = parse_json_queries(replies[0])
                         stats["malformed"] += malformed
@@ -196,7 +213,8 @@ class QueryGenerator:
                             seen.add(q.lower())
                             rows.append({"qa_id": f"{chunk['chunk_id']}::{qtype}{j}", "query": q,
                                          "chunk_id": chunk["chunk_id"], "doc_id": chunk["doc_id"],
-                                         "query_type": qtype, "generator": self.llm_name})
+                                         "query_type": qtype, "generator": self.llm_name,
+                                         "related_chunk_ids": [related] if related else None})
         summary = {"shard_id": shard_id, "chunks": len(chunks), "queries": len(rows), **stats,
                    "output_tokens": self.engine.output_tokens - tokens_before, "node": current_node()}
         write_shard(pa.Table.from_pylist(rows, QA_SCHEMA), self.shard_dir, shard_id, summary)

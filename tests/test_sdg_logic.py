@@ -56,3 +56,31 @@ def test_every_packaged_query_type_has_what_the_generator_needs():
 
     prompts = load_prompts(None, {"question": 1, "claim": 1, "keyword": 1, "paraphrase": 1})
     assert set(prompts) == {"question", "claim", "keyword", "paraphrase"}
+
+
+def test_multihop_queries_pair_a_chunk_with_the_next_of_its_document(tmp_path):
+    """Real SmolLM2, greedy: prompts pair a chunk with its successor in the same document (also across
+    the shard's edge), and each multi-hop query names that successor as a further positive."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from pipeline.corpus import CHUNK_SCHEMA
+    from pipeline.sdg import QueryGenerator
+
+    texts = {"A#0": "The json module encodes Python objects as JSON text with json.dumps.",
+             "A#1": "json.dumps accepts indent to pretty-print and sort_keys to order object keys.",
+             "B#0": "The heapq module implements a priority queue on top of a plain list.",
+             "B#1": "heapq.heappop removes and returns the smallest item, keeping the heap invariant."}
+    rows = [{"chunk_id": cid, "doc_id": cid[0], "title": "", "text": t, "chunk_index": int(cid[-1]), "n_tokens": 16}
+            for cid, t in texts.items()]
+    pq.write_table(pa.Table.from_pylist(rows, CHUNK_SCHEMA), tmp_path / "chunks.parquet")
+    sdg = load_config(None, ["sdg.query_types.question=0", "sdg.query_types.keyword=0", "sdg.query_types.multihop=1",
+                             "sdg.temperature=0"]).sdg.model_dump()
+    gen = QueryGenerator("smollm2", str(tmp_path / "chunks.parquet"), str(tmp_path / "shards"), sdg, seed=1)
+    summary = gen.process({"shard_id": 0, "start": 0, "stop": 3})  # B#1 lies past the shard's edge
+    assert summary["pairs"] == 2  # A#0+A#1 and B#0+B#1; A#1's successor is another document
+    out = pq.read_table(tmp_path / "shards" / "shard-00000.parquet").to_pylist()
+    assert out, "greedy SmolLM2 wrote no usable multi-hop question"
+    partner = {"A#0": ["A#1"], "B#0": ["B#1"]}
+    assert all(r["related_chunk_ids"] == partner[r["chunk_id"]] and r["query_type"] == "multihop" for r in out)
