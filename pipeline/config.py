@@ -109,6 +109,10 @@ class PrepConfig(Section):
                                "x its score for the query's own positive.")
     near_duplicate_cosine: float = Field(0.97, ge=0.0, le=1.0, description="Drop a query this similar (cosine) to "
                                          "an earlier query for the same chunk (0: keep all).")
+    query_judge: str = Field("none", description="Score each query against its chunk with a rubric: 'none', 'llm' "
+                             "(the sdg.llm), 'llm:MODEL' (another LLM: a packaged name or folder) or a cross-encoder "
+                             "folder; queries below query_judge_min are dropped.")
+    query_judge_min: float = Field(0.5, ge=0.0, le=1.0, description="Lowest judge score (probability) kept.")
     roundtrip_top_k: int = Field(20, ge=0, description="Keep a query only if the mining model ranks its source "
                                  "chunk in its top k (0: keep all).")
     batch_size: int = Field(64, ge=1)

@@ -1,7 +1,9 @@
 """Relevance judges: how likely a passage answers a query, as a probability in [0, 1].
 
-Used by prep as a second opinion on hard-negative candidates: a candidate the judge rates about as
-relevant as the query's own positive is probably a false negative. Two kinds, one interface:
+Used by prep twice: as a second opinion on hard-negative candidates (a candidate the judge rates about
+as relevant as the query's own positive is probably a false negative), and optionally to score each
+synthetic query against its own chunk with a written rubric (QUERY_RUBRIC), dropping poor queries.
+Two kinds, one interface:
 - `LLMJudge`: a causal LLM asked "Does the passage answer the question?", scored by the next-token
   probability of yes vs no (one forward pass per pair, no sampling, so it is deterministic).
 - `CrossEncoderJudge`: a sentence-transformers CrossEncoder folder (e.g. an ms-marco re-ranker).
@@ -13,10 +15,17 @@ import numpy as np
 
 JUDGE_PROMPT = ("Passage: {passage}\n\nQuery: {query}\n\n"
                 "Does the passage answer the query? Answer yes or no.")
+# The rubric for judging a synthetic query against the chunk it was written for.
+QUERY_RUBRIC = ("Passage: {passage}\n\nSearch query: {query}\n\n"
+                "A good search query (1) is answered by the passage, (2) asks about the passage's specific "
+                "content (names, identifiers, numbers, facts) rather than about the passage itself, and (3) reads "
+                "like something a person would type into a search box. Is this a good search query for the "
+                "passage? Answer yes or no.")
 
 
 class LLMJudge:
-    def __init__(self, model_path: str, batch_size: int = 8, max_passage_tokens: int = 384):
+    def __init__(self, model_path: str, batch_size: int = 8, max_passage_tokens: int = 384,
+                 template: str = JUDGE_PROMPT):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,6 +38,7 @@ class LLMJudge:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         self.device, self.batch_size, self.max_passage_tokens = device, batch_size, max_passage_tokens
+        self.template = template
         self.yes = self._first_tokens(["yes", "Yes", " yes", " Yes"])
         self.no = self._first_tokens(["no", "No", " no", " No"])
 
@@ -37,7 +47,7 @@ class LLMJudge:
 
     def _prompt(self, query: str, passage: str) -> str:
         ids = self.tok.encode(passage, add_special_tokens=False)[:self.max_passage_tokens]
-        content = JUDGE_PROMPT.format(passage=self.tok.decode(ids), query=query)
+        content = self.template.format(passage=self.tok.decode(ids), query=query)
         if self.tok.chat_template:
             return self.tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                 add_generation_prompt=True)
@@ -71,16 +81,17 @@ class CrossEncoderJudge:
                           np.float32).reshape(len(pairs), -1)[:, -1]
 
 
-def make_judge(spec: str, llm: str):
-    """'llm' -> the SDG generator as judge; a folder -> a cross-encoder; 'none' -> None."""
+def make_judge(spec: str, llm: str, template: str = JUDGE_PROMPT):
+    """'llm' -> the SDG generator as judge; 'llm:NAME_OR_DIR' -> another LLM; a folder -> a cross-encoder;
+    'none' -> None."""
     if spec == "none":
         return None
-    if spec == "llm":
+    if spec == "llm" or spec.startswith("llm:"):
         from pipeline.models import resolve_llm
 
-        return LLMJudge(resolve_llm(llm))
+        return LLMJudge(resolve_llm(spec[4:] or llm), template=template)
     from pathlib import Path
 
     if not Path(spec).is_dir():
-        raise ValueError(f"prep.judge: {spec!r} is not 'none', 'llm' or a cross-encoder folder")
+        raise ValueError(f"judge {spec!r} is not 'none', 'llm', 'llm:MODEL' or a cross-encoder folder")
     return CrossEncoderJudge(spec)

@@ -191,6 +191,17 @@ def near_duplicates(qa: list[dict], query_emb: np.ndarray, threshold: float) -> 
     return keep, {"threshold": threshold, "dropped": int((~keep).sum()), "dropped_examples": examples}
 
 
+def judge_queries(qa: list[dict], passage_of: dict[str, str], judge, min_score: float) -> tuple[np.ndarray, dict]:
+    """Keep-mask of the queries the judge scores at least min_score against their own chunk (the rubric
+    is in pipeline/judge.py: answered by the chunk, about its specific content, search-box shaped)."""
+    scores = judge.score([(row["query"], passage_of[row["chunk_id"]]) for row in qa])
+    keep = scores >= min_score
+    dropped = [(row["query"], round(float(sc), 3)) for row, sc, k in zip(qa, scores, keep) if not k]
+    print(f"[prep] query judge (score >= {min_score}): kept {int(keep.sum())} of {len(qa)} queries", flush=True)
+    return keep, {"min_score": min_score, "in": len(qa), "out": int(keep.sum()),
+                  "scores": quantiles([float(x) for x in scores]), "dropped_examples": dropped[:5]}
+
+
 def roundtrip_filter(qa: list[dict], mined: list[dict], top_k: int) -> tuple[list[dict], list[dict], dict]:
     """Keep a query only if the mining model ranks its source chunk in the top k: drops queries that
     do not describe their chunk (meta replies such as "The claim is not supported", copied examples)."""
@@ -316,6 +327,16 @@ def run_stage(cfg, run, rec) -> None:
     keep, near_dup = near_duplicates(qa, query_emb, cfg.prep.near_duplicate_cosine)
     qa, query_emb = [r for r, k in zip(qa, keep) if k], query_emb[keep]
     rec.phase("embed")
+    judged = None
+    if cfg.prep.query_judge != "none":
+        from pipeline.judge import QUERY_RUBRIC
+
+        passage_of = {cid: passage_text(t, x) for cid, t, x in zip(
+            chunks.column("chunk_id").to_pylist(), chunks.column("title").to_pylist(), chunks.column("text").to_pylist())}
+        judge = make_judge(cfg.prep.query_judge, cfg.sdg.llm, template=QUERY_RUBRIC)
+        keep, judged = judge_queries(qa, passage_of, judge, cfg.prep.query_judge_min)
+        qa, query_emb = [r for r, k in zip(qa, keep) if k], query_emb[keep]
+        rec.phase("judge")
 
     chunk_ids = chunks.column("chunk_id").to_pylist()
     chunk_docs = chunks.column("doc_id").to_pylist()
@@ -371,5 +392,6 @@ def run_stage(cfg, run, rec) -> None:
     rec.manifest.counts = {**{f"{k}_rows": len(v) for k, v in splits.items()}, "queries": n_queries,
                            "query_positive_pairs": n_pairs,
                            "documents": {s: sum(1 for v in split_of.values() if v == s) for s in splits},
-                           "negatives": stats, "near_duplicates": near_dup, "roundtrip_filter": roundtrip,
+                           "negatives": stats, "near_duplicates": near_dup, "query_judge": judged,
+                           "roundtrip_filter": roundtrip,
                            "eval_set": {"path": str(eval_set) if eval_set else None, "reused": frozen}}

@@ -302,3 +302,38 @@ def test_near_duplicate_queries_of_a_chunk_are_dropped_but_other_chunks_keep_the
     assert keep.tolist() == [True, False, True, True]
     assert summary["dropped"] == 1 and summary["dropped_examples"] == ["q0 again"]
     assert near_duplicates(qa, emb, 0)[0].all()
+
+
+def test_query_judge_drops_queries_its_rubric_rejects():
+    """SmolLM2 with the written rubric, deterministic (one forward pass): on-topic queries score at least
+    0.5 against their chunk, off-topic and meta replies below, and those are dropped and counted."""
+    from pipeline.judge import QUERY_RUBRIC, make_judge
+    from pipeline.prep import judge_queries
+
+    passage = {"c": "Lactase is the enzyme in the small intestine that breaks lactose down into glucose and galactose."}
+    qa = [{"chunk_id": "c", "query": q} for q in ("Which enzyme breaks down lactose?",
+                                                   "The claim is not supported by the text.",
+                                                   "what does lactase break lactose into",
+                                                   "How tall is the Eiffel Tower?")]
+    keep, summary = judge_queries(qa, passage, make_judge("llm", "smollm2", template=QUERY_RUBRIC), 0.5)
+    assert keep.tolist() == [True, False, True, False]
+    assert summary["in"] == 4 and summary["out"] == 2 and len(summary["dropped_examples"]) == 2
+
+
+def test_prep_stage_runs_the_query_judge_and_records_it(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_stage
+
+    run = _fake_run(tmp_path / "r", 1, "what is")
+    cfg = load_config(None, ["prep.fixed_eval_set=false", "prep.roundtrip_top_k=0", "prep.query_judge=llm",
+                             "prep.query_judge_min=0.5"])
+    run_stage("prep", cfg, run, force=True)
+    counts = json.loads((run.root / "prep" / "manifest.json").read_text())["counts"]
+    judged = counts["query_judge"]
+    assert judged["in"] == 24 and judged["scores"]["n"] == 24
+    rows = sum(pq.read_table(run.root / "prep" / f"{s}.parquet").num_rows for s in ("train", "val", "test"))
+    assert rows == judged["out"]
