@@ -294,6 +294,9 @@ def train_loop(config: dict) -> None:
         metrics = {k: v for k, v in metrics.items() if v is not None}
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
+                # encode() switches the max length between queries and passages; save the longer one, the
+                # length every later user of the model (eval, export, serving) should embed passages with.
+                model.max_seq_length = max(max_lens)
                 model.save(tmp, safe_serialization=True)
                 (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -83,7 +83,7 @@ def test_killed_worker_resumes_from_its_checkpoint_with_two_deepspeed_workers(tm
 
     run = _prep_run(tmp_path / "run")
     cfg = load_config(None, ["train.num_workers=2", "train.engine=deepspeed", "train.batch_size=2",
-                             "train.epochs=2", "train.checkpoint_every_steps=3", "train.max_query_tokens=16",
+                             "train.epochs=2", "train.checkpoint_every_steps=3", "train.max_query_tokens=48",
                              "train.max_passage_tokens=32", "train.negatives_per_query=1", "train.keep=last"])
     log = run.root / "train" / "train_log.jsonl"
     outcome = {}
@@ -117,3 +117,7 @@ def test_killed_worker_resumes_from_its_checkpoint_with_two_deepspeed_workers(tm
     assert manifest["counts"]["engine"] == "deepspeed"
     assert len(manifest["counts"]["val_ndcg@10"]) >= 2
     assert list((run.root / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    from pipeline.encode import load_model
+
+    # The saved length is the longer of the two (queries here), not the one encode() used last (passages).
+    assert load_model(str(run.root / "train" / "model"), device="cpu").max_seq_length == 48
