@@ -123,8 +123,8 @@ def test_interrupted_sdg_resumes_only_missing_shards(run_dir):
 
 
 def test_sdg_killed_mid_run_resumes_without_losing_or_duplicating(tmp_path):
-    """SIGKILL the whole `retrofit sdg` process group (driver, Ray, LLM actors) once some shards are
-    written; the rerun keeps every finished shard, makes only the missing ones, duplicates nothing."""
+    """SIGKILL the `retrofit sdg` process group (the driver; Ray and the LLM actors die with it) once some
+    shards are written; the rerun keeps every finished shard, makes only the missing ones, duplicates nothing."""
     import os
     import signal
     import time
@@ -145,6 +145,13 @@ def test_sdg_killed_mid_run_resumes_without_losing_or_duplicating(tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # Ray's own processes die with the driver (fate sharing), a moment later: an actor may still finish the
+    # shard it was on. Wait until the shard set stops changing before taking stock.
+    stable, last = 0, None
+    while stable < 3:
+        now = sorted(p.name for p in shard_dir.glob("shard-*.parquet"))
+        stable, last = (stable + 1 if now == last else 0), now
+        time.sleep(1)
     finished = {p: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.parquet")}
     n_chunks = pq.read_table(run / "corpus" / "chunks.parquet").num_rows
     total_shards = (n_chunks + 1) // 2
