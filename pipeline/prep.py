@@ -295,7 +295,11 @@ def run_stage(cfg, run, rec) -> None:
     qa = pq.read_table(run.root / "sdg" / "qa.parquet").to_pylist()
     if not qa:
         raise ValueError(f"{run.root / 'sdg' / 'qa.parquet'} holds no QA pairs: nothing to train on")
-    doc_of = dict(zip(chunks.column("chunk_id").to_pylist(), chunks.column("doc_id").to_pylist()))
+    # The chunk columns, read once: ids, documents and the passage text every model sees.
+    chunk_ids = chunks.column("chunk_id").to_pylist()
+    chunk_docs = chunks.column("doc_id").to_pylist()
+    passages = [passage_text(t, x) for t, x in zip(chunks.column("title").to_pylist(), chunks.column("text").to_pylist())]
+    doc_of = dict(zip(chunk_ids, chunk_docs))
     unknown = next((r for r in qa if r["chunk_id"] not in doc_of), None)
     if unknown is not None:
         raise ValueError(f"sdg/qa.parquet row {unknown['qa_id']!r}: chunk_id {unknown['chunk_id']!r} is not in "
@@ -310,7 +314,7 @@ def run_stage(cfg, run, rec) -> None:
         split_of = json.loads((eval_set / "split.json").read_text())
         print(f"[prep] reusing the fixed evaluation set {eval_set}", flush=True)
     else:
-        split_of = split_documents(chunks.column("doc_id").to_pylist(), cfg.prep.val_fraction,
+        split_of = split_documents(chunk_docs, cfg.prep.val_fraction,
                                    cfg.prep.test_fraction, cfg.seed)
     rec.phase("split")
 
@@ -331,18 +335,11 @@ def run_stage(cfg, run, rec) -> None:
     if cfg.prep.query_judge != "none":
         from pipeline.judge import QUERY_RUBRIC
 
-        passage_of = {cid: passage_text(t, x) for cid, t, x in zip(
-            chunks.column("chunk_id").to_pylist(), chunks.column("title").to_pylist(), chunks.column("text").to_pylist())}
         judge = make_judge(cfg.prep.query_judge, cfg.sdg.llm, template=QUERY_RUBRIC)
-        keep, judged = judge_queries(qa, passage_of, judge, cfg.prep.query_judge_min)
+        keep, judged = judge_queries(qa, dict(zip(chunk_ids, passages)), judge, cfg.prep.query_judge_min)
         qa, query_emb = [r for r, k in zip(qa, keep) if k], query_emb[keep]
         rec.phase("judge")
 
-    chunk_ids = chunks.column("chunk_id").to_pylist()
-    chunk_docs = chunks.column("doc_id").to_pylist()
-    chunk_texts = chunks.column("text").to_pylist()
-    chunk_titles = chunks.column("title").to_pylist()
-    passages = [passage_text(t, x) for t, x in zip(chunk_titles, chunk_texts)]
     test_docs = {d for d, s in split_of.items() if s == "test"}
     p = cfg.prep
     index, index_desc = build_index(chunk_emb, p.index, exact_max=p.exact_search_max_chunks, nprobe=p.ivf_nprobe,
