@@ -15,9 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-# Where and on how many actors a stage runs: changing these never changes a stage's output.
-PLACEMENT = {"num_actors", "cpus_per_actor", "gpus_per_actor", "resources", "max_failures", "openai_concurrency",
-             "openai_timeout_s", "openai_max_retries", "openai_api_key_env", "fallback_backend"}
+# Where and on how many actors a stage runs (an LLM server's address included): changing these never
+# changes a stage's output, so they are not part of its identity.
+PLACEMENT = {"num_actors", "cpus_per_actor", "gpus_per_actor", "resources", "max_failures", "openai_base_url",
+             "openai_concurrency", "openai_timeout_s", "openai_max_retries", "openai_api_key_env", "fallback_backend"}
 
 
 class Section(BaseModel):

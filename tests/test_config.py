@@ -54,6 +54,8 @@ def test_stage_hash_ignores_placement_and_defaults_but_not_real_settings():
 
     base = load_config(None, []).section_hash("sdg")
     assert load_config(None, ["sdg.num_actors=7", "sdg.resources.gpu_node=1"]).section_hash("sdg") == base
+    # A restarted LLM server on another port must not make a finished SDG stage run again.
+    assert load_config(None, ["sdg.openai_base_url=http://10.0.0.9:8123/v1"]).section_hash("sdg") == base
     assert load_config(None, ["sdg.temperature=0.7"]).section_hash("sdg") == base  # the default, spelled out
     assert load_config(None, ["sdg.temperature=0.3"]).section_hash("sdg") != base
     assert load_config(None, ["sdg.query_types.claim=1"]).section_hash("sdg") != base
