@@ -34,15 +34,17 @@ def prompt_messages(text: str, spec: dict, n_json: int = 0) -> list[dict]:
         instruction = (f"{instruction.replace('one ', f'{n_json} different ', 1)} Reply with a JSON list of "
                        f"{n_json} strings and nothing else.")
         example_query = json.dumps([example_query])
-    return [{"role": "user", "content": f"{instruction}\n\nText: {spec['example_text']}"},
+    # The instruction comes after the text: small models follow the last thing they read (with it first,
+    # SmolLM2 answered about the instruction, "The text supports the claim.", for ~40% of SciFact abstracts).
+    return [{"role": "user", "content": f"Text: {spec['example_text']}\n\n{instruction}"},
             {"role": "assistant", "content": example_query},
-            {"role": "user", "content": f"{instruction}\n\nText: {text}"}]
+            {"role": "user", "content": f"Text: {text}\n\n{instruction}"}]
 
 
 def completion_prompt(messages: list[dict]) -> str:
     """Base (non-chat) models: the same few-shot exchange as a completion prompt."""
     example, answer, final = (m["content"] for m in messages)
-    return f"{example}\nAnswer: {answer}\n\n{final.split(chr(10) * 2, 1)[1]}\nAnswer:"
+    return f"{example}\nAnswer: {answer}\n\n{final}\nAnswer:"
 
 
 class TransformersEngine:

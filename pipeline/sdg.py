@@ -52,10 +52,12 @@ def load_prompts(path: str | None, wanted: dict[str, int]) -> dict[str, dict]:
 
 def wrong_shape(query: str, spec: dict) -> bool:
     """Chatter ("Sure, here is...") instead of the asked-for shape: a question needs '?', a claim none,
-    a keyword query few words."""
+    a keyword query few words; a reply matching one of the type's reject_patterns talks about the task."""
     if spec.get("must_contain") and spec["must_contain"] not in query:
         return True
     if spec.get("max_words") and len(query.split()) > spec["max_words"]:
+        return True
+    if any(re.search(pattern, query, re.IGNORECASE) for pattern in spec.get("reject_patterns", [])):
         return True
     return bool(spec.get("must_not_contain") and spec["must_not_contain"] in query)
 

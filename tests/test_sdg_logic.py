@@ -20,6 +20,7 @@ def test_prompt_file_defines_the_default_types_and_rejects_unknown_ones(tmp_path
     ("The text supports the claim that aspirin lowers adenoma risk. It also says more.", "claim",
      "Aspirin lowers adenoma risk."),
     ("- json.dumps sort_keys", "keyword", "json.dumps sort_keys"),
+    ("The main finding of this text is that PGE2 enhances lung fibrosis. More.", "claim", "PGE2 enhances lung fibrosis."),
 ])
 def test_clean_query(raw, qtype, want):
     spec = load_prompts(None, {qtype: 1})[qtype]
@@ -31,6 +32,11 @@ def test_shape_checks():
     assert wrong_shape("Sure, here is a question for you.", prompts["question"])
     assert not wrong_shape("What is X?", prompts["question"])
     assert wrong_shape("Is aspirin good?", prompts["claim"])
+    # SmolLM2's replies about the task instead of a fact from the text
+    for reply in ("Yes, the text supports or refutes the claim.", "This claim is not supported by the provided text.",
+                  "A single sentence.", "The text concludes with a factual claim."):
+        assert wrong_shape(reply, prompts["claim"]), reply
+    assert not wrong_shape("Loss of Nrf2 does not protect mice from fibrosis.", prompts["claim"])
     keyword = load_prompts(None, {"keyword": 1})["keyword"]
     assert wrong_shape("You've already done it. Here's the full example of it:", keyword)
     assert not wrong_shape("json.dumps sort_keys", keyword)
