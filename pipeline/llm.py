@@ -26,6 +26,10 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+# Bump when prompt_messages lays prompts out differently: it is part of the SDG stage's identity.
+PROMPT_LAYOUT = 2
+
+
 def prompt_messages(text: str, spec: dict, n_json: int = 0) -> list[dict]:
     """Chat messages for one chunk: the instruction, one worked example, then the chunk. With n_json,
     the model is asked for a JSON list of n queries instead of one line."""

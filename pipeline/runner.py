@@ -13,6 +13,7 @@ import time
 
 from pipeline import corpus, evaluate, export, prep, sdg, train
 from pipeline.config import RetrofitConfig, dump_config
+from pipeline.llm import PROMPT_LAYOUT
 from pipeline.rundir import RunDir, StageRecorder
 
 BATCH_STAGES = ("corpus", "sdg", "prep", "train", "eval", "export")
@@ -25,24 +26,32 @@ CONSUMES = {"corpus": (), "sdg": ("corpus",), "prep": ("corpus", "sdg"), "train"
 NEEDS_RAY = {"sdg", "train"}
 
 
+def config_hash(name: str, cfg: RetrofitConfig) -> str:
+    """The settings a stage reads, hashed: a change means its old output is stale."""
+    extra = {"base_model": cfg.train.base_model}
+    if name == "sdg":  # the prompts' wording decides what the LLM writes, as much as any setting
+        extra["prompts"] = sdg.load_prompts(cfg.sdg.prompts, cfg.sdg.query_types)
+        extra["prompt_layout"] = PROMPT_LAYOUT
+    return cfg.section_hash(*READS[name], extra=extra)
+
+
 def stage_identity(name: str, cfg: RetrofitConfig, run: RunDir) -> tuple[str, dict]:
-    config_hash = cfg.section_hash(*READS[name], extra={"base_model": cfg.train.base_model})
     if name == "corpus":
         inputs = {"corpus": corpus.input_fingerprint(cfg)}
     else:
         inputs = {up: run.outputs_fingerprint(up, needed_by=name) for up in CONSUMES[name]}
-    return config_hash, inputs
+    return config_hash(name, cfg), inputs
 
 
 def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) -> str:
     """Run one batch stage; returns 'skipped' or 'completed' (raises on failure)."""
-    config_hash, inputs = stage_identity(name, cfg, run)
-    rec = StageRecorder(run, name, config_hash, inputs)
+    stage_hash, inputs = stage_identity(name, cfg, run)
+    rec = StageRecorder(run, name, stage_hash, inputs)
     if rec.up_to_date() and not force:
         print(f"[{name}] up to date, skipped (config and inputs unchanged)", flush=True)
         return "skipped"
     old = run.read_manifest(name)
-    if force or (old is not None and (old.config_hash != config_hash or old.inputs != inputs)):
+    if force or (old is not None and (old.config_hash != stage_hash or old.inputs != inputs)):
         shutil.rmtree(run.root / name, ignore_errors=True)  # stale: never mix old shards with new settings
         rec.dir.mkdir(parents=True)
     if name in NEEDS_RAY:

@@ -90,3 +90,18 @@ def test_multihop_queries_pair_a_chunk_with_the_next_of_its_document(tmp_path):
     assert out, "greedy SmolLM2 wrote no usable multi-hop question"
     partner = {"A#0": ["A#1"], "B#0": ["B#1"]}
     assert all(r["related_chunk_ids"] == partner[r["chunk_id"]] and r["query_type"] == "multihop" for r in out)
+
+
+def test_prompt_wording_is_part_of_the_sdg_stage_identity(tmp_path, monkeypatch):
+    """Editing the prompts file (same config) must make SDG write again, not resume old shards."""
+    from pipeline import sdg
+    from pipeline.config import load_config
+    from pipeline.runner import config_hash
+
+    cfg = load_config(None, [])
+    before = {stage: config_hash(stage, cfg) for stage in ("sdg", "prep")}
+    edited = tmp_path / "prompts.yaml"
+    edited.write_text(sdg.DEFAULT_PROMPTS.read_text().replace("Write one search question", "Write one short question"))
+    monkeypatch.setattr(sdg, "DEFAULT_PROMPTS", edited)  # the packaged file, edited in place
+    assert config_hash("sdg", cfg) != before["sdg"]
+    assert config_hash("prep", cfg) == before["prep"]
