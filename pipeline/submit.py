@@ -12,11 +12,13 @@ from __future__ import annotations
 import shlex
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("pipeline", "serve", "pyproject.toml")
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+AGENT_WAIT_S = 120  # how long a submission waits for a just-started head's job agent
 
 
 def _client(address: str):
@@ -55,8 +57,18 @@ def submit(cfg, out: str, address: str) -> str:
                   f"python -m pipeline.cli run --config job_config.yaml --out {shlex.quote(out)} --no-serve")
     with tempfile.TemporaryDirectory(prefix="retrofit-job-") as tmp:
         staged = stage_project(dump_config(cfg), Path(tmp))
-        return client.submit_job(entrypoint=entrypoint, metadata={"retrofit_out": out},
-                                 runtime_env={"working_dir": str(staged), "env_vars": JOB_ENV})
+        # A freshly started head answers HTTP before its job agent is up ("No available agent to submit
+        # job"); that is worth waiting for, any other refusal is not.
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return client.submit_job(entrypoint=entrypoint, metadata={"retrofit_out": out},
+                                         runtime_env={"working_dir": str(staged), "env_vars": JOB_ENV})
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                print(f"[submit] the cluster's job agent is not up yet; retrying ({e})", flush=True)
+                time.sleep(3)
 
 
 def follow(address: str, job_id: str) -> str:
