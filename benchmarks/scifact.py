@@ -90,7 +90,7 @@ def main() -> int:
     ap.add_argument("--name", help="Results file name (default scifact-N); the run folder is shared by all "
                     "variants on the same documents, so unchanged stages (SDG above all) are reused.")
     ap.add_argument("--vllm-serve", action="store_true", help="Write the queries through a local `vllm serve` of "
-                    "the LLM (sdg.backend=openai; ~2.3x the replies/s of the transformers engine on this CPU).")
+                    "the LLM (sdg.backend=openai), started from .venv-vllm and stopped after SDG.")
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=3, help="KV cache of that server (GiB of RAM).")
     args = ap.parse_args()
 
