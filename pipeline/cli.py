@@ -9,29 +9,39 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.errors import RetrofitError
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEMO_QUERY = "How do I serialize a Python object to a JSON formatted string?"
 
 
-def _common(p: argparse.ArgumentParser, out_help: str = "Run directory (created if missing).") -> None:
+def _common(p: argparse.ArgumentParser, out_help: str = "Run directory (created if missing).",
+            force_flag: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config file (see `retrofit config show`).")
     p.add_argument("--set", metavar="SECTION.FIELD=VALUE", action="append", default=[], dest="overrides",
                    help="Override one config field, e.g. --set train.lr=1e-5 (repeatable).")
     p.add_argument("--out", metavar="RUN_DIR", default="runs/latest", help=out_help + " Default: runs/latest.")
-    p.add_argument("--force", action="store_true", help="Rerun even if the stage is up to date.")
+    if force_flag:  # `run` takes the stages to force by name instead
+        p.add_argument("--force", action="store_true", help="Rerun this stage even if it is up to date "
+                       "(its output folder is deleted first).")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrofit", description=(
         "Adapt an embedding model to your documents: corpus -> sdg -> prep -> train -> eval -> export -> serve."))
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("--debug", action="store_true", help="Show the full traceback of every error, "
+                        "bad input included (normally printed as one line).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="Run every stage, then start the endpoint, embed one query and stop.",
                        description="Run every stage (skipping up-to-date ones), print base vs fine-tuned "
                                    "metrics, start the endpoint, embed one query over HTTP and stop.")
-    _common(p)
+    _common(p, force_flag=False)
+    p.add_argument("--force", metavar="STAGES", nargs="?", const="", default=None,
+                   help="Redo these stages even if up to date, deleting their output first: e.g. 'train', "
+                        "'prep,train', or 'all' (only when spelled out).")
     p.add_argument("--corpus", metavar="PATH", help="Corpus (folder, .jsonl, .parquet, BEIR folder, saved HF "
                    "dataset, or 'sample'); same as --set corpus.path=PATH.")
     p.add_argument("--query", default=DEMO_QUERY, help="Query embedded through the endpoint at the end.")
@@ -53,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--beir DIR: evaluate that BEIR folder with --model (default: the base "
                                    "model) and write the metrics JSON to --out.")
     _common(p, out_help="Run directory; with --beir, the JSON file to write.")
+    p.set_defaults(out=None)  # runs/latest without --beir; with --beir, only written when given
     p.add_argument("--beir", metavar="DIR", action="append", default=[],
                    help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv (repeatable).")
     p.add_argument("--model", metavar="PATH", action="append", default=[],
@@ -109,6 +120,18 @@ def _config(args):
     return load_config(args.config, overrides)
 
 
+def _check_eval_flags(args) -> None:
+    """Flags that would otherwise be ignored without a word."""
+    if not args.beir:
+        given = [flag for flag, value in (("--model", args.model), ("--endpoint", args.endpoint),
+                                          ("--report", args.report)) if value]
+        if given:
+            raise RetrofitError(f"{given[0]} needs --beir DIR (without --beir, eval scores the run's own "
+                                "base and fine-tuned models on its test split)")
+    elif args.out and Path(args.out).is_dir():
+        raise RetrofitError(f"--out {args.out}: with --beir, --out is the JSON file to write, and this is a folder")
+
+
 def _eval_beir(args, cfg) -> None:
     from pipeline.evaluate import evaluate_models, format_table, print_wins_and_losses, write_report
     from pipeline.models import cache_dir, resolve_embedder
@@ -123,14 +146,14 @@ def _eval_beir(args, cfg) -> None:
         print(f"\n{name} ({len(result.data.qrels)} queries, {len(result.data.corpus)} documents)")
         print(format_table(result.means))
         results[name] = result.means
-        if args.report and len(models) > 1:
+        if args.report:
             out = Path(args.report) / name
             out.mkdir(parents=True, exist_ok=True)
             write_report(result, out, f"Retrieval on {name}", base=baseline)
             for other in list(models)[1:]:
                 print_wins_and_losses(result, baseline, other)
             print(f"report: {out / 'report.md'}")
-    if args.out and args.out != "runs/latest":
+    if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         # One dataset: {model: metrics}; several: {dataset: {model: metrics}}.
@@ -177,18 +200,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"job {job_id}: {final}")
                 return 0 if final == "SUCCEEDED" else 1
             return 0
-        if args.command == "eval" and args.beir:
-            _eval_beir(args, cfg)
-            return 0
+        if args.command == "eval":
+            _check_eval_flags(args)
+            if args.beir:
+                _eval_beir(args, cfg)
+                return 0
+            args.out = args.out or "runs/latest"
 
         from pipeline import runner
         from pipeline.rundir import RunDir
 
         run = RunDir(args.out)
         if args.command == "run":
-            runner.run_all(cfg, run, force=args.force)
+            runner.run_all(cfg, run, force=runner.parse_force(args.force))
             print(f"\nBase vs fine-tuned on the synthetic test split ({run.root / 'eval' / 'metrics.json'}):")
             print((run.root / "eval" / "report.md").read_text().split("```")[1].strip())
+            print(*json.loads((run.root / "eval" / "metrics.json").read_text())["verdicts"], sep="\n")
             if not args.no_serve:
                 runner.smoke_serve(cfg, run, args.query, keep_serving=args.keep_serving)
         elif args.command == "serve":
@@ -196,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runner.run_stage(args.command, cfg, run, force=args.force)
         return 0
-    # Our input errors (config, corpus, BEIR folder, model, empty splits) are ValueErrors with a message
-    # that names the file or field: print it in one line instead of a traceback.
-    except (ValueError, StageInputMissing, ParityError) as e:
+    # Bad input (config, corpus, BEIR folder, model, empty splits) raises RetrofitError with a message that
+    # names the file or field: one line. Anything else is a bug or a library failing: its traceback stays.
+    except (RetrofitError, StageInputMissing, ParityError) as e:
+        if args.debug:
+            raise
         print(f"retrofit: error: {e}", file=sys.stderr)
         return 2
     finally:

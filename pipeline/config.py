@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import RetrofitError
+
 
 # Where and on how many actors a stage runs (an LLM server's address included): changing these never
 # changes a stage's output, so they are not part of its identity.
@@ -140,6 +142,9 @@ class TrainConfig(Section):
     lr_preset: Literal["default", "half", "double"] = Field("default", description="Scales lr by 1, 0.5 or 2: "
                                                              "quick sweeps by name.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm (0: off); the Hugging Face / "
+                                 "sentence-transformers trainer's default too.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (that trainer's default: 0).")
     temperature: float = Field(0.05, gt=0.0, le=1.0, description="InfoNCE temperature.")
     symmetric: bool = Field(False, description="Add the passage-to-query direction to the loss.")
     negatives_per_query: int = Field(3, ge=0, description="Hard negatives used per query in a step.")
@@ -217,6 +222,12 @@ class ServeConfig(Section):
     api_key: str | None = Field(None, exclude=True,
                                 description="Require 'Authorization: Bearer KEY' (or set RETROFIT_API_KEY).")
 
+    @model_validator(mode="after")
+    def _replica_range(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
 
 class RayConfig(Section):
     address: str | None = Field(None, description="Cluster address; unset means RAY_ADDRESS or an embedded local Ray.")
@@ -236,6 +247,15 @@ class RetrofitConfig(Section):
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _chunks_fit_training(self):
+        # SDG writes queries about whole chunks; a shorter training/eval length would silently cut them.
+        if self.corpus.chunk_tokens > self.train.max_passage_tokens:
+            raise ValueError(f"corpus.chunk_tokens ({self.corpus.chunk_tokens}) is above train.max_passage_tokens "
+                             f"({self.train.max_passage_tokens}): training and evaluation would cut every chunk "
+                             "the queries were written about; lower the one or raise the other")
+        return self
 
     def section_hash(self, *names: str, extra: dict | None = None) -> str:
         """Hash of the named sections: a stage is rerun only when the settings it reads change.
@@ -262,7 +282,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(RetrofitError):
     """A config problem, phrased for the user: names the file and field."""
 
 

@@ -21,6 +21,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import RetrofitError
+
 log = logging.getLogger("retrofit.corpus")
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
@@ -30,7 +32,7 @@ CHUNK_SCHEMA = pa.schema([
 ])
 
 
-class CorpusError(ValueError):
+class CorpusError(RetrofitError):
     """Nothing usable could be read; the message names the file."""
 
 

@@ -9,8 +9,10 @@ never reuses stale embeddings and an interrupted encode resumes.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +97,8 @@ class EncodeWorker:
         start, stop = int(task["start"]), int(task["stop"])
         table = pq.read_table(self.table_path, memory_map=True).slice(start, stop - start)
         emb = self.encoder.encode(texts_of(table, self.kind), self.kind)
-        tmp = self.out_dir / f".{task['shard_id']:05d}.tmp.npy"
+        # A private temporary name, then an atomic rename: the cache may be shared by runs working at once.
+        tmp = self.out_dir / f".{int(task['shard_id']):05d}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npy"
         np.save(tmp, emb)
         tmp.rename(self.out_dir / f"{int(task['shard_id']):05d}.npy")
         return {"shard_id": int(task["shard_id"]), "rows": len(emb)}

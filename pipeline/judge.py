@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import RetrofitError
+
 JUDGE_PROMPT = ("Passage: {passage}\n\nQuery: {query}\n\n"
                 "Does the passage answer the query? Answer yes or no.")
 # The rubric for judging a synthetic query against the chunk it was written for.
@@ -93,5 +95,5 @@ def make_judge(spec: str, llm: str, template: str = JUDGE_PROMPT):
     from pathlib import Path
 
     if not Path(spec).is_dir():
-        raise ValueError(f"judge {spec!r} is not 'none', 'llm', 'llm:MODEL' or a cross-encoder folder")
+        raise RetrofitError(f"judge {spec!r} is not 'none', 'llm', 'llm:MODEL' or a cross-encoder folder")
     return CrossEncoderJudge(spec)

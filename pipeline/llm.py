@@ -17,7 +17,10 @@ import json
 import logging
 import os
 import random
+import threading
 import time
+
+from pipeline.errors import RetrofitError
 
 log = logging.getLogger("retrofit.llm")
 
@@ -151,6 +154,11 @@ class OpenAIEngine:
         self.base = sdg["openai_base_url"].rstrip("/")
         key = os.environ.get(sdg["openai_api_key_env"], "")
         self.session = requests.Session()
+        # One pooled connection per request in flight (requests' default pool holds 10).
+        pool = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(10, sdg["openai_concurrency"]))
+        self.session.mount("http://", pool)
+        self.session.mount("https://", pool)
+        self._count_lock = threading.Lock()  # generate() adds token counts from pool threads
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
         self.context_chars = sdg["openai_max_chunk_chars"]
@@ -184,10 +192,13 @@ class OpenAIEngine:
                 if r.status_code not in self.RETRY_STATUS:
                     raise RuntimeError(f"{self.base}/chat/completions answered {r.status_code}: {r.text[:300]}")
                 problem = f"HTTP {r.status_code}"
+                wait = r.headers.get("Retry-After", "")
             except (requests.ConnectionError, requests.Timeout) as e:
-                problem = type(e).__name__
+                problem, wait = type(e).__name__, ""
             if attempt + 1 < attempts:
                 delay = min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
+                if wait.replace(".", "", 1).isdigit():  # the server said how long (429/503 Retry-After, seconds)
+                    delay = min(60.0, float(wait))
                 log.warning("LLM server: %s, retry %d/%d in %.1fs", problem, attempt + 1, attempts - 1, delay)
                 time.sleep(delay)
         raise RuntimeError(f"{self.base}/chat/completions failed {attempts} times (last: {problem})")
@@ -201,7 +212,8 @@ class OpenAIEngine:
             if stop_at_newline:
                 body["stop"] = ["\n"]
             answer = self._post(body)
-            self.output_tokens += int((answer.get("usage") or {}).get("completion_tokens", 0))
+            with self._count_lock:
+                self.output_tokens += int((answer.get("usage") or {}).get("completion_tokens", 0))
             return [c["message"]["content"] or "" for c in sorted(answer["choices"], key=lambda c: c["index"])]
 
         with ThreadPoolExecutor(max_workers=self.sdg["openai_concurrency"]) as pool:
@@ -222,7 +234,7 @@ def make_engine(sdg: dict, llm_name: str):
         return build(sdg["backend"])
     except BackendUnavailable as e:
         if not sdg.get("fallback_backend"):
-            raise ValueError(f"{e}; set sdg.fallback_backend=transformers to fall back") from None
+            raise RetrofitError(f"{e}; set sdg.fallback_backend=transformers to fall back") from None
         log.warning("%s; falling back to sdg.fallback_backend=%s", e, sdg["fallback_backend"])
         print(f"[sdg] {e}; falling back to {sdg['fallback_backend']}", flush=True)
         return build(sdg["fallback_backend"])

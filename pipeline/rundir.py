@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.errors import RetrofitError
+
 STAGES = ("corpus", "sdg", "prep", "train", "eval", "export", "serve")
 VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "ray", "faiss-cpu", "onnxruntime", "pyarrow")
 
@@ -75,7 +77,7 @@ class RunDir:
 
     def stage_dir(self, stage: str) -> Path:
         if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+            raise RetrofitError(f"unknown stage {stage!r}; stages are {STAGES}")
         d = self.root / stage
         d.mkdir(parents=True, exist_ok=True)
         return d

@@ -13,6 +13,7 @@ import time
 
 from pipeline import corpus, evaluate, export, prep, sdg, train
 from pipeline.config import RetrofitConfig, dump_config
+from pipeline.errors import RetrofitError
 from pipeline.llm import PROMPT_LAYOUT
 from pipeline.rundir import RunDir, StageRecorder
 
@@ -43,6 +44,26 @@ def stage_identity(name: str, cfg: RetrofitConfig, run: RunDir) -> tuple[str, di
     return config_hash(name, cfg), inputs
 
 
+def parse_force(value: str | None) -> set[str]:
+    """`--force train`, `--force prep,train`, `--force all` -> the stages to redo. Redoing a stage deletes
+    its output (hours of SDG shards, say), so `retrofit run` never forces every stage unless told 'all'."""
+    if value is None:
+        return set()
+    names = {v.strip() for v in value.split(",") if v.strip()}
+    if names == {"all"}:
+        return set(BATCH_STAGES)
+    unknown = sorted(names - set(BATCH_STAGES))
+    if unknown or not names:
+        raise RetrofitError(f"--force {value!r}: name the stages to redo, from {', '.join(BATCH_STAGES)} "
+                         f"(comma-separated), or 'all'" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    return names
+
+
+def _describe(folder) -> str:
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    return f"{len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB"
+
+
 def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) -> str:
     """Run one batch stage; returns 'skipped' or 'completed' (raises on failure)."""
     stage_hash, inputs = stage_identity(name, cfg, run)
@@ -51,8 +72,13 @@ def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) 
         print(f"[{name}] up to date, skipped (config and inputs unchanged)", flush=True)
         return "skipped"
     old = run.read_manifest(name)
-    if force or (old is not None and (old.config_hash != stage_hash or old.inputs != inputs)):
-        shutil.rmtree(run.root / name, ignore_errors=True)  # stale: never mix old shards with new settings
+    stale = old is not None and (old.config_hash != stage_hash or old.inputs != inputs)
+    if force or stale:  # never mix old shards with new settings; say what goes before it goes
+        folder = run.root / name
+        if folder.exists():
+            why = "--force" if force else "its settings or inputs changed"
+            print(f"[{name}] {why}: deleting {folder} ({_describe(folder)})", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
         rec.dir.mkdir(parents=True)
     if name in NEEDS_RAY:
         from pipeline.ray_runtime import ensure_ray
@@ -66,9 +92,10 @@ def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) 
     return "completed"
 
 
-def run_all(cfg: RetrofitConfig, run: RunDir, stages=BATCH_STAGES, force: bool = False) -> dict[str, str]:
+def run_all(cfg: RetrofitConfig, run: RunDir, stages=BATCH_STAGES, force: set[str] = frozenset()) -> dict[str, str]:
+    """Every stage in order; `force` names the stages to redo even if up to date (see parse_force)."""
     (run.root / "config.yaml").write_text(dump_config(cfg))
-    return {name: run_stage(name, cfg, run, force=force) for name in stages}
+    return {name: run_stage(name, cfg, run, force=name in force) for name in stages}
 
 
 def smoke_serve(cfg: RetrofitConfig, run: RunDir, query: str, keep_serving: bool = False) -> dict:
@@ -81,7 +108,7 @@ def smoke_serve(cfg: RetrofitConfig, run: RunDir, query: str, keep_serving: bool
     run.require("export", "serve")
     ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)
     export_dir = str(run.root / "export" / "onnx")
-    url = app.start(export_dir, f"retrofit-{run.root.name}", cfg.serve)
+    url = app.start(export_dir, f"retrofit-{run.root.name}", cfg.serve)  # served under app.APP_NAME
     try:
         vectors = client.embed(url, [query])
         info = {"url": url, "query": query, "dimension": len(vectors[0]), "status": "answered"}

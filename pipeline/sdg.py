@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import RetrofitError
 from pipeline.llm import make_engine, prompt_messages
 
 log = logging.getLogger("retrofit.sdg")
@@ -39,14 +40,14 @@ def load_prompts(path: str | None, wanted: dict[str, int]) -> dict[str, dict]:
     try:
         prompts = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"sdg.prompts: cannot read {path}: {e}") from None
+        raise RetrofitError(f"sdg.prompts: cannot read {path}: {e}") from None
     for qtype, n in wanted.items():
         if n and qtype not in prompts:
-            raise ValueError(f"sdg.query_types: type {qtype!r} is not defined in {path} "
+            raise RetrofitError(f"sdg.query_types: type {qtype!r} is not defined in {path} "
                              f"(defined: {sorted(prompts)})")
         missing = [k for k in ("instruction", "example_text", "example_query") if n and k not in prompts[qtype]]
         if missing:
-            raise ValueError(f"{path}: query type {qtype!r} lacks {missing}")
+            raise RetrofitError(f"{path}: query type {qtype!r} lacks {missing}")
     return {t: prompts[t] for t, n in wanted.items() if n}
 
 
@@ -279,4 +280,4 @@ def run_stage(cfg, run, rec) -> None:
     for q in qa.column("query").to_pylist()[:: max(1, qa.num_rows // 3)][:3]:
         print(f"[sdg]   e.g. {q}")
     if qa.num_rows == 0:
-        raise ValueError("the LLM produced no usable query; see the drop counts in sdg/manifest.json")
+        raise RetrofitError("the LLM produced no usable query; see the drop counts in sdg/manifest.json")

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.errors import RetrofitError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("pipeline", "serve", "pyproject.toml")
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -27,7 +29,7 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # ConnectionError, or a RuntimeError naming the address
-        raise ValueError(f"cannot reach the Ray Jobs API at {address}: {e}") from None
+        raise RetrofitError(f"cannot reach the Ray Jobs API at {address}: {e}") from None
 
 
 def stage_project(config_yaml: str, into: Path) -> Path:
@@ -47,7 +49,7 @@ def submit(cfg, out: str, address: str) -> str:
     from pipeline.config import dump_config
 
     if not Path(out).is_absolute() and "://" not in out:
-        raise ValueError(f"--out {out!r}: give the run directory as an absolute path that every cluster node sees")
+        raise RetrofitError(f"--out {out!r}: give the run directory as an absolute path that every cluster node sees")
     cfg = cfg.model_copy(deep=True)
     cfg.ray.address = None  # inside the job, Ray Jobs sets RAY_ADDRESS to the cluster itself
     client = _client(address)

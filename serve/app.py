@@ -24,8 +24,8 @@ APP_NAME = "retrofit"
 api = FastAPI(title="Retrofit embeddings")
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
 
 
 @serve.deployment(name="EmbeddingService")
@@ -72,6 +72,9 @@ class EmbeddingService:
     def _validate(self, body):
         if not isinstance(body, dict) or "input" not in body:
             return _error(400, "request body must be a JSON object with an 'input' field")
+        if body.get("model") not in (None, self.model_name):  # what OpenAI clients expect for another model
+            return _error(404, f"the model {body['model']!r} does not exist here; this endpoint serves "
+                               f"{self.model_name!r}", code="model_not_found")
         texts = body["input"]
         if isinstance(texts, str):
             texts = [texts]
@@ -171,5 +174,6 @@ def start(export_dir: str, model_name: str, serve_cfg, app_name: str = APP_NAME,
     return f"http://{serve_cfg.host}:{serve_cfg.port}{route_prefix.rstrip('/')}"
 
 
-def stop() -> None:
-    serve.shutdown()
+def stop(app_name: str = APP_NAME) -> None:
+    """Delete our application only: on a shared cluster other Serve applications keep running."""
+    serve.delete(app_name)

@@ -59,3 +59,13 @@ def test_stage_hash_ignores_placement_and_defaults_but_not_real_settings():
     assert load_config(None, ["sdg.temperature=0.7"]).section_hash("sdg") == base  # the default, spelled out
     assert load_config(None, ["sdg.temperature=0.3"]).section_hash("sdg") != base
     assert load_config(None, ["sdg.query_types.claim=1"]).section_hash("sdg") != base
+
+
+def test_settings_are_checked_across_sections():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="corpus.chunk_tokens .300. is above train.max_passage_tokens .256."):
+        load_config(None, ["corpus.chunk_tokens=300"])
+    assert load_config(None, ["corpus.chunk_tokens=300", "train.max_passage_tokens=320"]).corpus.chunk_tokens == 300
+    with pytest.raises(ConfigError, match="min_replicas .5. is above max_replicas .2."):
+        load_config(None, ["serve.min_replicas=5", "serve.max_replicas=2"])

@@ -1,0 +1,71 @@
+"""Forcing stages: only the ones named, and never without saying what is deleted."""
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.runner import BATCH_STAGES, parse_force
+
+
+def test_force_names_stages_and_all_must_be_spelled_out():
+    assert parse_force(None) == set()
+    assert parse_force("train") == {"train"}
+    assert parse_force("prep, train") == {"prep", "train"}
+    assert parse_force("all") == set(BATCH_STAGES)
+    with pytest.raises(ValueError, match="name the stages to redo"):
+        parse_force("")  # a bare `--force`
+    with pytest.raises(ValueError, match="unknown: trian"):
+        parse_force("sdg,trian")
+
+
+def test_bare_force_on_run_deletes_nothing(tmp_path):
+    """`retrofit run --force` used to redo every stage, deleting SDG shards worth hours of LLM time."""
+    shard = tmp_path / "run" / "sdg" / "shards" / "shard-00000.parquet"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"hours of LLM output")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--corpus", "sample", "--out",
+                           str(tmp_path / "run"), "--force"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--force" in proc.stderr and "name the stages" in proc.stderr
+    assert shard.read_bytes() == b"hours of LLM output"
+
+
+def test_a_forced_stage_says_what_it_deletes(tmp_path, capsys):
+    from pipeline.config import load_config
+    from pipeline.runner import run_stage
+    from test_prep import _fake_run
+
+    run = _fake_run(tmp_path / "r", 1, "what is")
+    cfg = load_config(None, ["prep.fixed_eval_set=false", "prep.num_negatives=2"])
+    run_stage("prep", cfg, run)
+    capsys.readouterr()
+    run_stage("prep", cfg, run, force=True)
+    out = capsys.readouterr().out
+    assert f"[prep] --force: deleting {run.root / 'prep'} (" in out and "files" in out
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_library_error_keeps_its_traceback(tmp_path):
+    """Only Retrofit's own input errors become one line; a corrupt file is a real failure, shown in full."""
+    from test_prep import _fake_run
+
+    run = _fake_run(tmp_path / "r", 1, "what is")
+    (run.root / "sdg" / "qa.parquet").write_bytes(b"not a parquet file")
+    proc = _cli("prep", "--out", str(run.root), "--set", "prep.fixed_eval_set=false")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ArrowInvalid" in proc.stderr
+
+
+@pytest.mark.parametrize("flags", [["--model", "minilm"], ["--endpoint", "http://127.0.0.1:9"], ["--report", "r"]])
+def test_eval_flags_that_need_beir_are_errors(tmp_path, flags):
+    proc = _cli("eval", "--out", str(tmp_path), *flags)
+    assert proc.returncode == 2 and f"{flags[0]} needs --beir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_beir_out_must_be_a_file(tmp_path):
+    from conftest import SCIFACT
+
+    proc = _cli("eval", "--beir", str(SCIFACT), "--out", str(tmp_path))
+    assert proc.returncode == 2 and "is a folder" in proc.stderr
