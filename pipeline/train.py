@@ -3,119 +3,47 @@
 `train_loop` is what each Ray Train worker runs; `run_stage` builds the TorchTrainer from config
 (ScalingConfig(num_workers, use_gpu)), so scaling out means changing one number. The optimiser engine
 is DeepSpeed ZeRO (bf16 on GPUs, gloo on CPUs) or plain AdamW with an all-reduce of gradients.
-Checkpoints (every N steps and at each epoch end) carry the weights and the step, are scored by NDCG@10
-on the val split, and are reported to Ray Train: a restarted worker group resumes from the latest,
-and the stage keeps the best (or the last). GradCache keeps large batches within memory.
+Batching, the loss and GradCache live in `pipeline/contrastive.py`. Checkpoints (every N steps and at
+each epoch end) carry everything a resumed run needs to continue exactly where it stopped: the weights,
+the optimiser moments and schedule, every worker's RNG state and the step (which fixes the sampler's
+position). They are scored by NDCG@10 on the val split and reported to Ray Train: a restarted worker
+group resumes from the latest, and the stage keeps the best (or the last).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
+from pipeline.errors import RetrofitError
+
 TRAINER_STATE = "trainer_state.json"
-
-
-def lr_lambda(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to the peak learning rate, then cosine decay to zero."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def info_nce(q, passages, positive_ids: list[str], passage_ids: list[str], temperature: float,
-             symmetric: bool = False):
-    """Cross-entropy of each query against all passages in the step; query i's positive is column i.
-
-    Columns that hold the same chunk as query i's positive (a duplicate positive, or another
-    query's hard negative that is this query's positive) are masked: they are not negatives.
-    `symmetric` adds the other direction: each positive passage against all queries of the step.
-    """
-    import torch
-
-    scores = q @ passages.T / temperature
-    same = torch.tensor([[pid == col for col in passage_ids] for pid in positive_ids], device=scores.device)
-    same[torch.arange(len(positive_ids)), torch.arange(len(positive_ids))] = False
-    scores = scores.masked_fill(same, float("-inf"))
-    labels = torch.arange(len(positive_ids), device=scores.device)
-    loss = torch.nn.functional.cross_entropy(scores, labels)
-    if symmetric:
-        n = len(positive_ids)
-        # Queries sharing a positive with query i are not negatives of passage i either.
-        backward = scores[:, :n].T.masked_fill(same[:, :n].T, float("-inf"))
-        loss = (loss + torch.nn.functional.cross_entropy(backward, labels)) / 2
-    return loss
-
-
-def batches(rows: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[dict]]:
-    """Shuffled batches in which no chunk is the positive of two queries (no false in-batch negatives)."""
-    order = rows[:]
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    out, pending = [], order
-    while pending:
-        batch, used, rest = [], set(), []
-        for r in pending:
-            if len(batch) < batch_size and r["positive_id"] not in used:
-                batch.append(r)
-                used.add(r["positive_id"])
-            else:
-                rest.append(r)
-        if len(batch) < 2:  # a batch of one has no in-batch negatives; drop the leftovers
-            break
-        out.append(batch)
-        pending = rest
-    return out
-
-
-def grad_cache_step(encode, queries: list[str], passages: list[str], loss_fn, backward, chunk: int,
-                    seed: int) -> float:
-    """One contrastive step whose activation memory is one chunk's, not the whole batch's (GradCache).
-
-    1) embed every text in chunks without autograd graphs; 2) compute the loss on those embeddings and
-    its gradient with respect to them; 3) embed each chunk again with a graph and push that gradient
-    through it. Each chunk is re-run under the same RNG seed, so dropout masks repeat and the
-    gradients equal the full-batch ones."""
-    import torch
-
-    def chunks(texts):
-        return [(i, texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
-
-    def embed_chunk(part, kind, i):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 100_003 + i * 2 + kind)
-            return encode(part, kind)
-
-    with torch.no_grad():
-        q = torch.cat([embed_chunk(part, 0, i) for i, part in chunks(queries)])
-        p = torch.cat([embed_chunk(part, 1, i) for i, part in chunks(passages)])
-    q.requires_grad_(True)
-    p.requires_grad_(True)
-    loss = loss_fn(q, p)
-    loss.backward()  # gradients of the loss w.r.t. the embeddings only (they are leaves)
-    for kind, texts, grad in ((0, queries, q.grad), (1, passages, p.grad)):
-        for i, part in chunks(texts):
-            backward((embed_chunk(part, kind, i) * grad[i:i + len(part)]).sum())
-    return float(loss.item())
+MODEL_DIR, ENGINE_DIR, RNG_DIR = "model", "engine", "rng"
 
 
 class PlainEngine:
-    """torch AdamW; gradients averaged across workers with an all-reduce (what DDP does)."""
+    """torch AdamW; gradients averaged across workers with an all-reduce (what DDP does); bf16 autocast
+    on GPUs (fp32 weights and optimiser, as sentence-transformers' trainer does with bf16=True)."""
 
-    def __init__(self, model, lr: float, schedule, world: int):
+    def __init__(self, model, lr: float, schedule, world: int, bf16: bool = False, max_grad_norm: float = 0.0,
+                 weight_decay: float = 0.0):
         import torch
 
-        self.model, self.world = model, world
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.model, self.world, self.bf16, self.max_grad_norm = model, world, bf16, max_grad_norm
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def forward(self, features):
-        return self.model(features)
+        import torch
+
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(features)
 
     def backward(self, loss) -> None:
         loss.backward()
@@ -128,6 +56,10 @@ class PlainEngine:
                 if param.grad is not None:
                     dist.all_reduce(param.grad)
                     param.grad /= self.world
+        if self.max_grad_norm:
+            import torch
+
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
@@ -135,6 +67,22 @@ class PlainEngine:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, folder: Path, rank: int) -> None:
+        """Optimiser moments and schedule (identical on every worker: rank 0 writes them)."""
+        import torch
+
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       folder / "optimizer.pt")
+
+    def load_state(self, folder: Path) -> None:
+        import torch
+
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 class DeepSpeedEngine(PlainEngine):
@@ -145,10 +93,10 @@ class DeepSpeedEngine(PlainEngine):
         import deepspeed
         import torch
 
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc["weight_decay"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         config = {"train_micro_batch_size_per_gpu": tc["batch_size"], "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": tc["zero_stage"]},
+                  "gradient_clipping": tc["max_grad_norm"], "zero_optimization": {"stage": tc["zero_stage"]},
                   "zero_allow_untested_optimizer": True,  # torch's AdamW (DeepSpeed's own needs a CUDA build)
                   "bf16": {"enabled": on_gpu}, "steps_per_print": 10**9}
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
@@ -164,6 +112,17 @@ class DeepSpeedEngine(PlainEngine):
 
     def step(self) -> None:
         self.engine.step()  # optimizer, scheduler and zeroing of gradients
+
+    def save_state(self, folder: Path, rank: int) -> None:
+        """Every worker writes its ZeRO partition of the optimiser; Ray Train merges the folders."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(folder), tag="state", save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
 
 
 class ValidationSet:
@@ -184,6 +143,10 @@ class ValidationSet:
         return len(self.queries)
 
     def ndcg10(self, encode) -> float:
+        return float(sum(self.per_query(encode).values()) / max(1, len(self)))
+
+    def per_query(self, encode) -> dict[str, float]:
+        """NDCG@10 of each val query."""
         import torch
 
         from pipeline.evaluate import compute_metrics
@@ -196,162 +159,230 @@ class ValidationSet:
         for qid, row in zip(self.queries, scores):
             top = row.argsort()[::-1][:10]
             run[qid] = {self.passage_ids[j]: float(row[j]) for j in top}
-        return compute_metrics(self.qrels, run)[0]["ndcg@10"]
+        return {qid: m["ndcg@10"] for qid, m in compute_metrics(self.qrels, run)[1].items()}
+
+
+def save_rng(path: Path) -> None:
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def load_rng(path: Path) -> None:
+    import torch
+
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Worker:
+    """One training process: the model, its slice of every global batch, the engine, checkpoints.
+
+    Ray Train runs it through `train_loop` (rank, world, the checkpoint to resume from and `report`,
+    which hands a checkpoint folder to Ray Train); nothing here needs Ray, so it also runs alone."""
+
+    def __init__(self, config: dict, rank: int, world: int, resume_dir: Path | None, report):
+        import pyarrow.parquet as pq
+        import torch
+
+        from pipeline.contrastive import BatchSampler, lr_lambda
+        from pipeline.encode import load_model
+        from pipeline.ray_runtime import set_threads
+
+        self.tc = tc = config["train"]
+        self.rank, self.world, self.report = rank, world, report
+        set_threads(tc["cpus_per_worker"])
+        on_gpu = tc["use_gpu"] and torch.cuda.is_available()
+        self.device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
+        torch.manual_seed(tc["seed"])
+
+        self.rows = pq.read_table(config["train_path"]).to_pylist()
+        self.sampler = BatchSampler(self.rows, tc["batch_size"], self.world, tc["seed"])
+        self.total = self.sampler.steps_per_epoch * tc["epochs"]
+        warmup = int(tc["warmup_ratio"] * self.total)
+        schedule = lambda s: lr_lambda(s, self.total, warmup)  # noqa: E731
+
+        self.state = {"global_step": 0, "best": None, "evals_without_gain": 0}
+        self.model = load_model(str(resume_dir / MODEL_DIR) if resume_dir else config["base_model"],
+                                device=self.device)
+        self.model.prompts = {k: v for k, v in (("query", tc["query_prefix"]), ("passage", tc["passage_prefix"])) if v}
+        self.model.train()
+        if tc["engine"] == "deepspeed":
+            self.engine = DeepSpeedEngine(self.model, config["lr"], schedule, self.world, tc, on_gpu)
+        else:
+            self.engine = PlainEngine(self.model, config["lr"], schedule, self.world, bf16=on_gpu,
+                                      max_grad_norm=tc["max_grad_norm"], weight_decay=tc["weight_decay"])
+        if resume_dir:  # continue exactly: optimiser moments, schedule, dropout RNG, sampler position
+            self.state = json.loads((resume_dir / TRAINER_STATE).read_text())
+            self.engine.load_state(resume_dir / ENGINE_DIR)
+            load_rng(resume_dir / RNG_DIR / f"rank{self.rank}.pt")
+
+        self.val = ValidationSet(pq.read_table(config["val_path"]).to_pylist(), tc["val_max_queries"]) \
+            if config.get("val_path") else None
+        self.log_path = Path(config["log_path"])
+        self.writer = None
+        if self.rank == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(config["tensorboard_dir"])
+            self.log({"event": "start", "global_step": self.state["global_step"], "world": self.world,
+                      "engine": tc["engine"], "global_batch": self.sampler.global_batch,
+                      "steps_per_epoch": self.sampler.steps_per_epoch})
+
+    def log(self, record: dict) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def encode(self, texts: list[str], kind: int):
+        """kind 0: queries, 1: passages (their prefix and max length). Passages are embedded in groups of
+        similar length (less padding: a step's passages mix short and long texts), in their given order."""
+        import torch
+
+        size = self.sampler.per_worker
+        if kind == 0 or len(texts) <= size:
+            return self._embed(texts, kind)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        parts = [self._embed([texts[i] for i in order[j:j + size]], kind) for j in range(0, len(texts), size)]
+        return torch.cat(parts)[torch.argsort(torch.tensor(order))]
+
+    def _embed(self, texts: list[str], kind: int):
+        import torch
+
+        prefix = (self.tc["query_prefix"], self.tc["passage_prefix"])[kind]
+        self.model.max_seq_length = (self.tc["max_query_tokens"], self.tc["max_passage_tokens"])[kind]
+        features = self.model.preprocess([prefix + t for t in texts])
+        features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
+        return torch.nn.functional.normalize(self.engine.forward(features)["sentence_embedding"].float(), dim=-1)
+
+    def train_step(self, batch: list[int]) -> float:
+        """One global step: this worker embeds its rows, the loss sees every worker's passages."""
+        import torch
+        import torch.distributed as dist
+
+        from pipeline.contrastive import StepLayout, grad_cache_step, info_nce
+
+        tc = self.tc
+        parts = [[self.rows[i] for i in self.sampler.worker_rows(batch, w)] for w in range(self.world)]
+        layout = StepLayout.build(parts, tc["negatives_per_query"])
+        queries, passages = [r["query"] for r in parts[self.rank]], layout.passages[self.rank]
+
+        def loss_fn(q, p):
+            return info_nce(q, p, layout, self.rank, self.world, tc["temperature"], tc["symmetric"])
+
+        if tc["grad_cache_chunk"]:
+            loss = grad_cache_step(self.encode, queries, passages, loss_fn, self.engine.backward,
+                                   tc["grad_cache_chunk"], tc["seed"] + self.state["global_step"])
+        else:
+            loss_t = loss_fn(self.encode(queries, 0), self.encode(passages, 1))
+            self.engine.backward(loss_t)
+            loss = float(loss_t.item())
+        self.engine.step()
+        self.state["global_step"] += 1
+        if self.world > 1:  # the logged loss is the global batch's: the mean over workers
+            t = torch.tensor([loss], dtype=torch.float64)
+            dist.all_reduce(t)
+            loss = float(t.item()) / self.world
+        return loss
+
+    def validate(self) -> tuple[float | None, bool]:
+        """Val NDCG@10 (rank 0, broadcast) and whether early stopping says stop."""
+        import torch.distributed as dist
+
+        score, stop = None, False
+        if self.rank == 0 and self.val is not None and len(self.val):
+            self.model.eval()
+            score = self.val.ndcg10(self.encode)
+            self.model.train()
+            if self.state["best"] is None or score > self.state["best"]:
+                self.state["best"], self.state["evals_without_gain"] = score, 0
+            else:
+                self.state["evals_without_gain"] += 1
+            patience = self.tc["early_stopping_patience"]
+            stop = bool(patience) and self.state["evals_without_gain"] >= patience
+            self.writer.add_scalar("val/ndcg@10", score, self.state["global_step"])
+            self.log({"event": "val", "global_step": self.state["global_step"], "ndcg@10": score, "early_stop": stop})
+        if self.world > 1:  # every worker must take the same branch
+            flag = [stop, score, self.state["best"], self.state["evals_without_gain"]]
+            dist.broadcast_object_list(flag, src=0)
+            stop, score, self.state["best"], self.state["evals_without_gain"] = flag
+        return score, stop
+
+    def save_checkpoint(self, epoch: int, loss: float, score: float | None) -> None:
+        """Report a checkpoint: rank 0 writes the model and the trainer state, every worker its optimiser
+        partition and RNG state; Ray Train merges the workers' folders into one."""
+        metrics = {"epoch": epoch, "global_step": self.state["global_step"], "loss": loss}
+        if score is not None:
+            metrics["val_ndcg@10"] = score
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            self.engine.save_state(folder / ENGINE_DIR, self.rank)
+            save_rng(folder / RNG_DIR / f"rank{self.rank}.pt")
+            if self.rank == 0:
+                # encode() switches the max length between queries and passages; save the longer one, the
+                # length every later user of the model (eval, export, serving) should embed passages with.
+                self.model.max_seq_length = max(self.tc["max_query_tokens"], self.tc["max_passage_tokens"])
+                self.model.save(str(folder / MODEL_DIR), safe_serialization=True)
+                (folder / TRAINER_STATE).write_text(json.dumps(self.state))
+            self.report(metrics, folder)
+
+    def log_step(self, epoch: int, loss: float, seconds: float) -> None:
+        step, global_batch = self.state["global_step"], self.sampler.global_batch
+        record = {"epoch": epoch, "step": step - 1, "loss": loss, "lr": self.engine.lr,
+                  "steps_per_s": round(1 / seconds, 4), "examples_per_s": round(global_batch / seconds, 3)}
+        self.log(record)
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", self.engine.lr, step)
+        self.writer.add_scalar("train/examples_per_s", record["examples_per_s"], step)
+        if step % 10 == 0:
+            print(f"[train] step {step}/{self.total} loss {loss:.4f} {record['examples_per_s']:.1f} examples/s",
+                  flush=True)
+
+    def run(self) -> None:
+        per_epoch, every = self.sampler.steps_per_epoch, self.tc["checkpoint_every_steps"]
+        losses = []
+        start_epoch, done_in_epoch = divmod(self.state["global_step"], per_epoch)
+        for epoch in range(start_epoch, self.tc["epochs"]):
+            for batch in self.sampler.epoch(epoch)[done_in_epoch if epoch == start_epoch else 0:]:
+                t0 = time.perf_counter()
+                losses.append(self.train_step(batch))
+                if self.rank == 0:
+                    self.log_step(epoch, losses[-1], time.perf_counter() - t0)
+                step = self.state["global_step"]
+                if step % per_epoch == 0 or (every and step % every == 0):
+                    score, stop = self.validate()
+                    self.save_checkpoint(epoch, sum(losses) / len(losses), score)
+                    losses = []
+                    if stop:
+                        return
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
 
 
 def train_loop(config: dict) -> None:
-    import os
-    import time
-
-    import pyarrow.parquet as pq
+    """What each Ray Train worker runs."""
     import ray.train
-    import torch
-    import torch.distributed as dist
 
-    from pipeline.encode import load_model
-    from pipeline.ray_runtime import set_threads
+    def report(metrics: dict, folder: Path) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
 
-    tc = config["train"]
-    set_threads(tc["cpus_per_worker"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    on_gpu = tc["use_gpu"] and torch.cuda.is_available()
-    device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
-    torch.manual_seed(tc["seed"])
-
-    model = load_model(config["base_model"], device=device)
-    state = {"global_step": 0, "best": None, "evals_without_gain": 0}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model = load_model(d, device=device)
-            state = json.loads((Path(d) / TRAINER_STATE).read_text())
-    model.prompts = {k: v for k, v in (("query", tc["query_prefix"]), ("passage", tc["passage_prefix"])) if v}
-    model.train()
-
-    rows = pq.read_table(config["train_path"]).to_pylist()
-    val = ValidationSet(pq.read_table(config["val_path"]).to_pylist(), tc["val_max_queries"]) \
-        if config.get("val_path") else None
-    steps_per_epoch = len(batches(rows, tc["batch_size"] * world, tc["seed"], 0))
-    total = steps_per_epoch * tc["epochs"]
-    warmup = int(tc["warmup_ratio"] * total)
-    schedule = lambda s: lr_lambda(s, total, warmup)  # noqa: E731
-    if tc["engine"] == "deepspeed":
-        engine = DeepSpeedEngine(model, config["lr"], schedule, world, tc, on_gpu)
-    else:
-        engine = PlainEngine(model, config["lr"], schedule, world)
-    for _ in range(state["global_step"]):  # resume: bring the schedule to where it was
-        engine.scheduler.step()
-    prefixes = (tc["query_prefix"], tc["passage_prefix"])
-    max_lens = (tc["max_query_tokens"], tc["max_passage_tokens"])
-
-    def encode(texts: list[str], kind: int):
-        """kind 0: queries, 1: passages (their prefix and max length)."""
-        model.max_seq_length = max_lens[kind]
-        features = model.tokenize([prefixes[kind] + t for t in texts])
-        features = {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}
-        return torch.nn.functional.normalize(engine.forward(features)["sentence_embedding"].float(), dim=-1)
-
-    log_path = Path(config["log_path"])
-    writer = None
-    if rank == 0:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(config["tensorboard_dir"])
-        with open(log_path, "a") as f:  # where a run (re)started: the worker-failure test reads this
-            f.write(json.dumps({"event": "start", "global_step": state["global_step"], "world": world,
-                                "engine": tc["engine"]}) + "\n")
-    pids = [None] * world
-    if world > 1:
-        dist.all_gather_object(pids, os.getpid())
-    else:
-        pids = [os.getpid()]
-    if rank == 0:
-        (log_path.parent / "worker_pids.json").write_text(json.dumps(pids))
-
-    def checkpoint_now(epoch: int, loss: float) -> bool:
-        """Evaluate on val (rank 0), report a checkpoint, and say whether to stop early."""
-        metrics = {"epoch": epoch, "global_step": state["global_step"], "loss": loss}
-        stop = False
-        if rank == 0 and val is not None and len(val):
-            model.eval()
-            score = val.ndcg10(encode)
-            model.train()
-            metrics["val_ndcg@10"] = score
-            if state["best"] is None or score > state["best"]:
-                state["best"], state["evals_without_gain"] = score, 0
-            else:
-                state["evals_without_gain"] += 1
-            stop = bool(tc["early_stopping_patience"]) and state["evals_without_gain"] >= tc["early_stopping_patience"]
-            writer.add_scalar("val/ndcg@10", score, state["global_step"])
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"event": "val", "global_step": state["global_step"], "ndcg@10": score,
-                                    "early_stop": stop}) + "\n")
-        if world > 1:  # every worker must take the same branch
-            flag = [stop, metrics.get("val_ndcg@10")]
-            dist.broadcast_object_list(flag, src=0)
-            stop, metrics["val_ndcg@10"] = flag
-        metrics = {k: v for k, v in metrics.items() if v is not None}
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                # encode() switches the max length between queries and passages; save the longer one, the
-                # length every later user of the model (eval, export, serving) should embed passages with.
-                model.max_seq_length = max(max_lens)
-                model.save(tmp, safe_serialization=True)
-                (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
-        return stop
-
-    every = tc["checkpoint_every_steps"]
-    t_last, examples, losses = time.perf_counter(), 0, []
-    start_epoch, skip = state["global_step"] // steps_per_epoch, state["global_step"] % steps_per_epoch
-    for epoch in range(start_epoch, tc["epochs"]):
-        for step, batch in enumerate(batches(rows, tc["batch_size"] * world, tc["seed"], epoch)):
-            if epoch == start_epoch and step < skip:
-                continue  # done before the restart
-            mine = batch[rank::world]  # each worker takes its slice of the global batch
-            k = tc["negatives_per_query"]
-            passages = [r["positive_text"] for r in mine] + [t for r in mine for t in r["negative_texts"][:k]]
-            passage_ids = [r["positive_id"] for r in mine] + [i for r in mine for i in r["negative_ids"][:k]]
-            positive_ids = [r["positive_id"] for r in mine]
-            loss_fn = lambda q, p: info_nce(q, p, positive_ids, passage_ids, tc["temperature"], tc["symmetric"])  # noqa: E731
-            queries = [r["query"] for r in mine]
-            if tc["grad_cache_chunk"]:
-                loss = grad_cache_step(encode, queries, passages, loss_fn, engine.backward, tc["grad_cache_chunk"],
-                                       tc["seed"] + state["global_step"])
-            else:
-                loss_t = loss_fn(encode(queries, 0), encode(passages, 1))
-                engine.backward(loss_t)
-                loss = float(loss_t.item())
-            engine.step()
-            state["global_step"] += 1
-            losses.append(loss)
-            examples += len(batch)
-            if rank == 0:
-                elapsed = time.perf_counter() - t_last
-                record = {"epoch": epoch, "step": state["global_step"] - 1, "loss": round(loss, 5), "lr": engine.lr,
-                          "steps_per_s": round(1 / elapsed, 4), "examples_per_s": round(len(batch) / elapsed, 3)}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                writer.add_scalar("train/loss", loss, state["global_step"])
-                writer.add_scalar("train/lr", engine.lr, state["global_step"])
-                writer.add_scalar("train/examples_per_s", record["examples_per_s"], state["global_step"])
-                if state["global_step"] % 10 == 0:
-                    print(f"[train] step {state['global_step']}/{total} loss {loss:.4f} "
-                          f"{record['examples_per_s']:.1f} examples/s", flush=True)
-            t_last = time.perf_counter()
-            last_in_epoch = step == steps_per_epoch - 1
-            if (every and state["global_step"] % every == 0) or last_in_epoch:
-                mean = sum(losses) / max(1, len(losses))
-                losses = []
-                if checkpoint_now(epoch, mean):
-                    if writer:
-                        writer.close()
-                    return
-    if writer:
-        writer.close()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+        worker = Worker(config, ctx.get_world_rank(), ctx.get_world_size(),
+                        Path(resume_dir) if resume_dir else None, report)
+    try:
+        worker.run()
+    finally:
+        worker.close()
 
 
 def run_stage(cfg, run, rec) -> None:
@@ -363,10 +394,11 @@ def run_stage(cfg, run, rec) -> None:
 
     train_path = run.root / "prep" / "train.parquet"
     n_rows = pq.ParquetFile(train_path).metadata.num_rows
-    if n_rows < 2:
-        raise ValueError(f"{train_path} has {n_rows} rows; contrastive training needs at least 2")
-    log_path = rec.output("train_log.jsonl")
     tc = cfg.train
+    if n_rows < max(2, tc.num_workers):  # caught here, not as a worker error Ray Train would retry
+        raise RetrofitError(f"{train_path} has {n_rows} rows; contrastive training on {tc.num_workers} worker(s) "
+                         f"needs at least {max(2, tc.num_workers)}")
+    log_path = rec.output("train_log.jsonl")
     # The Ray Train run is named by the stage's identity: a rerun after a crash finds its checkpoints and
     # resumes; a run with other settings or inputs gets a fresh name and never resumes stale weights.
     identity = hashlib.sha256((rec.manifest.config_hash + json.dumps(rec.manifest.inputs, sort_keys=True))
@@ -400,14 +432,15 @@ def run_stage(cfg, run, rec) -> None:
     model_dir = rec.output("model")
     shutil.rmtree(model_dir, ignore_errors=True)
     with chosen.as_directory() as d:
-        shutil.copytree(d, model_dir)
+        shutil.copytree(Path(d) / MODEL_DIR, model_dir)
         kept = json.loads((Path(d) / TRAINER_STATE).read_text())
-    (model_dir / TRAINER_STATE).unlink(missing_ok=True)
     log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     steps = [r for r in log if "loss" in r and "event" not in r]
     vals = [r for r in log if r.get("event") == "val"]
+    starts = [r for r in log if r.get("event") == "start"]
     rec.manifest.counts = {"train_rows": n_rows, "steps": kept["global_step"], "workers": tc.num_workers,
-                           "engine": tc.engine, "restarts": sum(r.get("event") == "start" for r in log) - 1,
+                           "global_batch": starts[-1]["global_batch"] if starts else None,
+                           "engine": tc.engine, "restarts": len(starts) - 1,
                            "first_loss": steps[0]["loss"] if steps else None,
                            "last_loss": steps[-1]["loss"] if steps else None,
                            "kept_checkpoint": {"global_step": kept["global_step"], "val_ndcg@10": kept.get("best")

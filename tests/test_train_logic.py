@@ -1,8 +1,23 @@
+"""Contrastive training logic without Ray: sampler, loss masking, all-gather, GradCache, schedule, engine state."""
 import math
+import os
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 
-from pipeline.train import batches, info_nce, lr_lambda
+from conftest import free_port
+from pipeline.contrastive import BatchSampler, StepLayout, grad_cache_step, info_nce, lr_lambda
+
+
+def row(qa_id, query, positive, positives=None, negatives=()):
+    return {"qa_id": qa_id, "query": query, "positive_id": positive, "positive_text": f"text of {positive}",
+            "positive_ids": sorted(positives or [positive]), "negative_ids": list(negatives),
+            "negative_texts": [f"text of {n}" for n in negatives]}
+
+
+def unit(*vectors):
+    return torch.nn.functional.normalize(torch.tensor(vectors, dtype=torch.float32), dim=-1)
 
 
 def test_warmup_then_cosine():
@@ -13,38 +28,224 @@ def test_warmup_then_cosine():
     assert math.isclose(lrs[55], 0.5, abs_tol=0.02) and lrs[-1] < 0.01
 
 
-def test_batches_never_hold_one_positive_twice():
-    rows = [{"positive_id": f"c{i % 5}", "query": str(i)} for i in range(40)]
-    out = batches(rows, 4, seed=1, epoch=0)
-    assert all(len({r["positive_id"] for r in b}) == len(b) for b in out)
-    used = [r["query"] for b in out for r in b]
-    assert len(used) == len(set(used)) >= 39  # each row once; at most a lone leftover is dropped
+# -- defect 1: other positives of the query are never negatives ------------------------------------------------
+
+def test_a_sibling_rows_positive_is_not_its_negative():
+    """A multi-hop query unrolled into two rows (positives p1, p2) in one batch: p2's column is not a
+    negative of the p1 row, and neither is a hard negative that happens to be p2."""
+    rows = [row("a", "q", "p1", ["p1", "p2"], negatives=["p2"]), row("b", "q", "p2", ["p1", "p2"]),
+            row("c", "other", "p3")]
+    layout = StepLayout.build([rows], negatives_per_query=1)
+    # columns: p1 p2 p3 | p2 (a's hard negative)
+    assert layout.not_negative[0].tolist() == [False, True, False, True]
+    assert layout.not_negative[1].tolist() == [True, False, False, True]  # its own positive, twice
+    assert layout.not_negative[2].tolist() == [False, False, False, False]
+    q = unit([1, 0, 0], [0.9, 0.1, 0], [0, 0, 1])
+    p = unit([1, 0, 0], [0.9, 0.1, 0], [0, 0, 1], [0.9, 0.1, 0])
+    loss = info_nce(q, p, layout, 0, 1, 0.05)
+    # By hand: each query against only its true negatives.
+    scores = q @ p.T / 0.05
+    want = torch.stack([-torch.log_softmax(scores[0, [0, 2]], 0)[0], -torch.log_softmax(scores[1, [1, 2]], 0)[0],
+                        -torch.log_softmax(scores[2], 0)[2]]).mean()
+    assert torch.isclose(loss, want)
 
 
-def test_info_nce_masks_a_duplicate_positive():
-    q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
-    # Passage 2 is a hard negative for query 1 but is the same chunk as query 0's positive.
-    p = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), dim=-1)
-    masked = info_nce(q, p, ["a", "b"], ["a", "b", "a"], 0.05)
-    unmasked = info_nce(q, p, ["a", "b"], ["a", "b", "x"], 0.05)
-    assert masked < unmasked  # query 0's duplicate positive no longer counts against it
-    assert math.isclose(masked.item(), info_nce(q, p[:2], ["a", "b"], ["a", "b"], 0.05).item(), rel_tol=1e-5)
-
-
-def test_symmetric_loss_adds_the_passage_direction():
+def test_symmetric_loss_masks_sibling_queries():
+    rows = [row("a", "q", "p1", ["p1", "p2"]), row("b", "q", "p2", ["p1", "p2"]), row("c", "other", "p3")]
+    layout = StepLayout.build([rows], negatives_per_query=0)
+    assert layout.not_negative_back.tolist() == [[False, True, False], [True, False, False], [False] * 3]
     torch.manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    p = torch.nn.functional.normalize(torch.randn(8, 8), dim=-1)
-    ids = ["a", "b", "c", "d"]
-    cols = ids + ["e", "f", "g", "h"]
-    one_way = info_nce(q, p, ids, cols, 0.05)
-    both = info_nce(q, p, ids, cols, 0.05, symmetric=True)
-    backward = torch.nn.functional.cross_entropy(p[:4] @ q.T / 0.05, torch.arange(4))
-    assert torch.isclose(both, (one_way + backward) / 2)
+    q, p = (torch.nn.functional.normalize(torch.randn(3, 8), dim=-1) for _ in range(2))
+    both = info_nce(q, p, layout, 0, 1, 0.05, symmetric=True)
+    one_way = info_nce(q, p, layout, 0, 1, 0.05)
+    back = p @ q.T / 0.05
+    want_back = torch.stack([-torch.log_softmax(back[0, [0, 2]], 0)[0], -torch.log_softmax(back[1, [1, 2]], 0)[0],
+                             -torch.log_softmax(back[2], 0)[2]]).mean()
+    assert torch.isclose(both, (one_way + want_back) / 2)
 
 
-def test_lr_presets_by_name():
-    from pipeline.config import load_config
+def test_sampler_keeps_rows_sharing_a_query_or_positive_apart():
+    rows = [row(f"r{i}", f"query {i // 2}", f"c{i}", [f"c{i}", f"c{i ^ 1}"]) for i in range(40)]  # sibling pairs
+    rows += [row(f"s{i}", f"again {i % 10}", f"d{i}") for i in range(20)]                        # repeated text
+    sampler = BatchSampler(rows, per_worker=8, world=1, seed=3)
+    for epoch in range(3):
+        for batch in sampler.epoch(epoch):
+            assert len({rows[i]["query"] for i in batch}) == len(batch)
+            ids = [p for i in batch for p in rows[i]["positive_ids"]]
+            assert len(ids) == len(set(ids))
 
-    assert load_config(None, ["train.lr=2e-5", "train.lr_preset=half"]).train.effective_lr == 1e-5
-    assert load_config(None, ["train.lr=2e-5", "train.lr_preset=double"]).train.effective_lr == 4e-5
+
+# -- defect 2: the same number of full batches in every epoch ---------------------------------------------------
+
+def test_every_epoch_has_the_same_number_of_full_batches_and_every_row():
+    rows = [row(f"r{i}", f"query {i}", f"c{i % 38}") for i in range(139)]  # 139 rows over 38 chunks
+    sampler = BatchSampler(rows, per_worker=16, world=1, seed=13)
+    assert sampler.steps_per_epoch == 9  # ceil(139 / 16): the last batch is topped up, no row dropped
+    for epoch in range(6):
+        batches = sampler.epoch(epoch)
+        assert len(batches) == sampler.steps_per_epoch and all(len(b) == 16 for b in batches)
+        assert {i for b in batches for i in b} == set(range(139))  # every row, every epoch
+        for b in batches:
+            assert len({rows[i]["positive_id"] for i in b}) == 16
+    assert sampler.epoch(2) == BatchSampler(rows, 16, 1, 13).epoch(2)  # deterministic: resume recomputes it
+
+
+def test_a_query_with_more_positives_than_batches_still_fills_every_batch():
+    rows = [row(f"r{i}", "one query", f"c{i}", [f"c{j}" for j in range(12)]) for i in range(12)]
+    rows += [row("x", "another", "x1")]
+    sampler = BatchSampler(rows, per_worker=4, world=1, seed=0)
+    batches = sampler.epoch(0)
+    assert len(batches) == 4 and all(len(b) == 4 for b in batches)
+
+
+# -- defect 3: every worker always gets rows ---------------------------------------------------------------------
+
+def test_every_worker_gets_rows_even_from_a_tiny_split():
+    rows = [row(f"r{i}", f"q{i}", f"c{i}") for i in range(5)]
+    sampler = BatchSampler(rows, per_worker=16, world=3, seed=1)
+    assert sampler.per_worker == 1 and sampler.steps_per_epoch == 2
+    for batch in sampler.epoch(0):
+        assert all(len(sampler.worker_rows(batch, w)) == 1 for w in range(3))
+    with pytest.raises(ValueError, match="2 training rows cannot feed 3 worker"):
+        BatchSampler(rows[:2], per_worker=16, world=3, seed=1)
+
+
+# -- negatives from every worker: the 2-worker loss is the 1-worker loss on the same global batch ----------------
+
+def _features(texts):
+    """A fixed random feature vector per text: the toy encoder's input."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(64, 16, generator=gen)
+    return table[[int(t.split()[-1][1:]) % 64 for t in texts]]
+
+
+def _toy_step(rank: int, world: int, rows_per_worker: list[list[dict]], symmetric: bool):
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(16, 8)
+    layout = StepLayout.build(rows_per_worker, negatives_per_query=2)
+    mine = rows_per_worker[rank]
+    q = torch.nn.functional.normalize(encoder(_features([f"text of {r['qa_id']}" for r in mine])), dim=-1)
+    p = torch.nn.functional.normalize(encoder(_features(layout.passages[rank])), dim=-1)
+    loss = info_nce(q, p, layout, rank, world, 0.05, symmetric)
+    loss.backward()
+    return loss.detach(), encoder.weight.grad.clone()
+
+
+def _gather_worker(rank, world, port, rows_per_worker, symmetric, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    loss, grad = _toy_step(rank, world, rows_per_worker, symmetric)
+    dist.all_reduce(loss)
+    dist.all_reduce(grad)  # what the engine does: average the gradients
+    if rank == 0:
+        out.put((loss.item() / world, (grad / world).tolist()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_two_workers_see_the_whole_global_batch(symmetric):
+    rows = [row(f"c{i}", f"q{i}", f"c{i}", negatives=[f"c{20 + i}", f"c{40 + i}"]) for i in range(6)]
+    rows[4]["negative_ids"] = rows[4]["negative_ids"][:1]  # uneven blocks: padding must not count
+    rows[4]["negative_texts"] = rows[4]["negative_texts"][:1]
+    one_loss, one_grad = _toy_step(0, 1, [rows], symmetric)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, [rows[:3], rows[3:]], symmetric, out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    loss, grad = out.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+    assert math.isclose(loss, one_loss.item(), rel_tol=1e-5)
+    assert torch.allclose(torch.tensor(grad), one_grad, atol=1e-6)
+    # Without the gather each worker would see only its own 3 rows: a different (smaller) loss.
+    local = sum(_toy_step(0, 1, [part], symmetric)[0].item() for part in (rows[:3], rows[3:])) / 2
+    assert not math.isclose(loss, local, rel_tol=1e-3)
+
+
+# -- defect 5: GradCache replays dropout exactly (train mode; CPU, and the CUDA generator where present) ---------
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_grad_cache_replays_dropout_in_train_mode(base_model, device):
+    from pipeline.encode import load_model
+
+    model = load_model(base_model, device=device).train()  # dropout on
+    queries = [f"how do I read {t} files in python?" for t in ("csv", "json", "zip", "xml", "ini", "tar")]
+    passages = [f"The {t} module reads and writes {t} data." for t in ("csv", "json", "zip", "xml", "ini", "tar")]
+    layout = StepLayout.build([[row(f"c{i}", q, f"c{i}") for i, q in enumerate(queries)]], 0)
+
+    def encode(texts, kind):
+        features = {k: v.to(device) if hasattr(v, "to") else v for k, v in model.preprocess(texts).items()}
+        return torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1)
+
+    def loss_fn(q, p):
+        return info_nce(q, p, layout, 0, 1, 0.05)
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return out
+
+    def reference(seed):
+        """The same chunks under the same seeds, one graph end to end: what GradCache must equal."""
+        embs = []
+        for kind, texts in ((0, queries), (1, passages)):
+            for i in range(0, len(texts), 4):
+                with torch.random.fork_rng(devices=[0] if device == "cuda" else []):
+                    torch.manual_seed(seed * 100_003 + i * 2 + kind)
+                    embs.append((kind, encode(texts[i:i + 4], kind)))
+        loss = loss_fn(torch.cat([e for k, e in embs if k == 0]), torch.cat([e for k, e in embs if k == 1]))
+        loss.backward()
+        return loss.item(), grads()
+
+    want_loss, want = reference(seed=1)
+    cached = grad_cache_step(encode, queries, passages, loss_fn, lambda x: x.backward(), chunk=4, seed=1)
+    got = grads()
+    assert abs(cached - want_loss) < 1e-5
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-5, rtol=1e-3), name
+    other_loss, other = reference(seed=2)  # dropout is really on: other masks give other gradients
+    assert abs(other_loss - want_loss) > 1e-4
+    # The replay leaves the caller's RNG streams as they were (CPU and CUDA).
+    state = torch.get_rng_state()
+    grad_cache_step(encode, queries, passages, loss_fn, lambda x: x.backward(), chunk=4, seed=1)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# -- defect 4: the optimiser's state survives a checkpoint ------------------------------------------------------
+
+def test_plain_engine_resumes_with_its_optimiser_moments(tmp_path):
+    from pipeline.train import PlainEngine
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 2)
+
+    def step(engine, model, x):
+        engine.backward(model(x).pow(2).sum())
+        engine.step()
+
+    xs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    model = make()
+    engine = PlainEngine(model, 1e-2, lambda s: lr_lambda(s, 4, 1), world=1)
+    for x in xs[:2]:
+        step(engine, model, x)
+    engine.save_state(tmp_path, rank=0)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    for x in xs[2:]:
+        step(engine, model, x)
+
+    resumed = make()
+    resumed.load_state_dict(saved)
+    engine2 = PlainEngine(resumed, 1e-2, lambda s: lr_lambda(s, 4, 1), world=1)
+    engine2.load_state(tmp_path)
+    assert engine2.scheduler.last_epoch == 2  # the schedule continues too
+    for x in xs[2:]:
+        step(engine2, resumed, x)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-7), k
