@@ -7,6 +7,8 @@ Any BEIR folder works (corpus.jsonl, queries.jsonl, qrels/test.tsv). Documents a
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,12 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import RetrofitError
+
 METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100",
            "map@10", "mrr@10")
 HEADLINE = ("ndcg@1", "ndcg@10", "recall@10", "recall@100", "map@10", "mrr@10")
 
 
-class BeirFormatError(ValueError):
+class BeirFormatError(RetrofitError):
     pass
 
 
@@ -114,14 +118,20 @@ def retrieve(model_path: str, corpus: list[dict], queries: dict[str, str], qids:
     from pipeline.prep import build_index, search
 
     cache.mkdir(parents=True, exist_ok=True)
-    corpus_path = cache / "beir_corpus.parquet"
-    pq.write_table(pa.table({"title": [str(d.get("title") or "") for d in corpus],
-                             "text": [str(d["text"]) for d in corpus]}), corpus_path)
-    query_path = cache / "beir_queries.parquet"
-    pq.write_table(pa.table({"query": [queries[q] for q in qids]}), query_path)
-    use_ray = len(corpus) > 50_000  # below that, actor start-up costs more than it saves
-    doc_emb = encode_parquet(model_path, corpus_path, "passage", cache, batch_size=batch_size, use_ray=use_ray)
-    q_emb = encode_parquet(model_path, query_path, "query", cache, batch_size=batch_size)
+    # The texts go to a folder of this call's own (the cache may be shared by evaluations running at
+    # once); the embeddings are cached by content, whatever the file's name.
+    tables = Path(tempfile.mkdtemp(prefix="beir-", dir=cache))
+    try:
+        corpus_path = tables / "corpus.parquet"
+        pq.write_table(pa.table({"title": [str(d.get("title") or "") for d in corpus],
+                                 "text": [str(d["text"]) for d in corpus]}), corpus_path)
+        query_path = tables / "queries.parquet"
+        pq.write_table(pa.table({"query": [queries[q] for q in qids]}), query_path)
+        use_ray = len(corpus) > 50_000  # below that, actor start-up costs more than it saves
+        doc_emb = encode_parquet(model_path, corpus_path, "passage", cache, batch_size=batch_size, use_ray=use_ray)
+        q_emb = encode_parquet(model_path, query_path, "query", cache, batch_size=batch_size)
+    finally:
+        shutil.rmtree(tables, ignore_errors=True)
     index, _ = build_index(doc_emb, "flat")  # evaluation is always exact search
     scores, idx = search(index, q_emb, top_k + 1)
     doc_ids = [str(d["_id"]) for d in corpus]
@@ -139,25 +149,48 @@ class EvalResult:
     means: dict[str, dict[str, float]] = field(default_factory=dict)       # model -> metric -> mean
     per_query: dict[str, dict[str, dict]] = field(default_factory=dict)    # model -> qid -> metric -> value
     top_hit: dict[str, dict[str, str]] = field(default_factory=dict)       # model -> qid -> doc id
+    references: list[str] = field(default_factory=list)                    # rows that are no model of ours
+
+    def add(self, label: str, run: dict[str, dict[str, float]]) -> None:
+        self.means[label], self.per_query[label] = compute_metrics(self.data.qrels, run)
+        self.top_hit[label] = {q: next(iter(run[q]), "") for q in run}
+
+
+BM25_LABEL = "bm25 (reference)"
+
+
+def hybrid_label(base: str) -> str:
+    return f"bm25+{base} RRF (reference)"
 
 
 def evaluate_models(beir_dir: str | Path, models: dict[str, str], top_k: int, cache: Path,
-                    batch_size: int = 64) -> EvalResult:
-    """{label: model folder, ONNX export folder or endpoint URL} -> metrics of each on one BEIR folder."""
+                    batch_size: int = 64, references: bool = True) -> EvalResult:
+    """{label: model folder, ONNX export folder or endpoint URL} -> metrics of each on one BEIR folder.
+
+    With `references`, two rows that need no model of ours follow: BM25, and BM25 fused with the first
+    (baseline) model by reciprocal rank."""
+    from pipeline.lexical import bm25_run, rrf
+
     data = load_beir(beir_dir)
     qids = sorted(data.qrels)
     result = EvalResult(data)
+    runs = {}
     for label, path in models.items():
-        run = retrieve(path, data.corpus, data.queries, qids, top_k, cache, batch_size)
-        result.means[label], result.per_query[label] = compute_metrics(data.qrels, run)
-        result.top_hit[label] = {q: next(iter(run[q]), "") for q in qids}
+        runs[label] = retrieve(path, data.corpus, data.queries, qids, top_k, cache, batch_size)
+        result.add(label, runs[label])
+    if references:
+        base = next(iter(models))
+        lexical = bm25_run(data.corpus, data.queries, qids, top_k)
+        result.add(BM25_LABEL, lexical)
+        result.add(hybrid_label(base), rrf([lexical, runs[base]], top_k))
+        result.references = [BM25_LABEL, hybrid_label(base)]
     return result
 
 
 def format_table(means: dict[str, dict], metrics=HEADLINE) -> str:
     labels = list(means)
     head = f"{'metric':<12}" + "".join(f"{lab[:22]:>24}" for lab in labels)
-    has_delta = len(labels) == 2
+    has_delta = len(labels) >= 2  # the second row (fine-tuned) minus the first (base)
     if has_delta:
         head += f"{'delta':>10}"
     lines = [head, "-" * len(head)]
@@ -187,14 +220,17 @@ def wins_and_losses(result: EvalResult, base: str, other: str, metric: str = "nd
 
 def write_report(result: EvalResult, out_dir: Path, title: str, base: str = "base") -> dict:
     """metrics.json, report.md, metrics.png and per_query.parquet for base vs every other model."""
-    from pipeline.report import by_query_type, compare, plot_metrics
+    from pipeline.report import by_query_type, compare, plot_metrics, verdict
 
     comparison = compare(result.per_query, METRICS, base=base)
     breakdown = by_query_type(result.per_query, result.data.query_types, HEADLINE)
     others = [m for m in result.means if m != base]
-    summary = {**result.means, "comparison": comparison, "by_query_type": breakdown}
-    if len(others) == 1:
-        summary["delta"] = {m: comparison[others[0]][m]["delta"] for m in METRICS}
+    models = [m for m in others if m not in result.references]  # ours, not the reference rows
+    summary = {**result.means, "comparison": comparison, "by_query_type": breakdown,
+               "references": result.references}
+    if len(models) == 1:
+        summary["delta"] = {m: comparison[models[0]][m]["delta"] for m in METRICS}
+    summary["verdicts"] = [verdict(comparison, m, base, len(result.data.qrels)) for m in models]
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(result.means, HEADLINE, out_dir / "metrics.png", title)
 
@@ -204,16 +240,23 @@ def write_report(result: EvalResult, out_dir: Path, title: str, base: str = "bas
     pq.write_table(pa.Table.from_pylist(rows), out_dir / "per_query.parquet")
 
     lines = [f"# {title}", "", f"{len(result.data.qrels)} queries, {len(result.data.corpus)} documents.", "",
-             "```", format_table(result.means), "```", ""]
+             "```", format_table(result.means), "```", "", *summary["verdicts"], ""]
+    if result.references:
+        lines += [f"Reference rows, no model of ours: {', '.join(result.references)}. When BM25 or the fusion beats "
+                  "the dense models, lexical matching carries this task. On synthetic queries BM25 is flattered "
+                  "(generated queries copy their chunk's words); on people's queries it is not.", ""]
     for other in others:
         lines += [f"## {other} vs {base}: paired randomisation test over queries", "",
-                  "| metric | base | " + other + " | delta | relative | 95% CI | p | significant |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "NDCG@10 is the primary metric (p at 0.05); the others are Holm-corrected across metrics "
+                  "(p Holm), and their significance is read from the corrected value.", "",
+                  "| metric | base | " + other + " | delta | relative | 95% CI | p | p Holm | significant |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for m in METRICS:
             c = comparison[other][m]
             rel = f"{c['rel_delta']:+.1%}" if c["rel_delta"] is not None else "n/a"
+            holm_p = f"{c['p_holm']:.4f}" if "p_holm" in c else "(primary)"
             lines.append(f"| {m} | {comparison[base][m]['value']:.4f} | {c['value']:.4f} | {c['delta']:+.4f} | "
-                         f"{rel} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['p_value']:.4f} | "
+                         f"{rel} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['p_value']:.4f} | {holm_p} | "
                          f"{'yes' if c['significant'] else 'no'} |")
         lines.append("")
     lines += ["## By query type", "", "| type | queries | model | " + " | ".join(HEADLINE) + " |",
@@ -223,7 +266,7 @@ def write_report(result: EvalResult, out_dir: Path, title: str, base: str = "bas
             lines.append(f"| {t} | {group['queries']} | {model} | "
                          + " | ".join(f"{group[model][m]:.4f}" for m in HEADLINE) + " |")
     lines.append("")
-    for other in others:
+    for other in models:
         wins, losses = wins_and_losses(result, base, other)
         for name, rows_ in (("wins", wins), ("losses", losses)):
             lines += [f"## Largest {name} of {other} (NDCG@10 delta)", ""]
@@ -250,8 +293,10 @@ def run_stage(cfg, run, rec) -> None:
                              run.root / "cache" / "eval", cfg.eval.batch_size)
     summary = write_report(result, rec.dir, "Retrieval on the synthetic test split")
     print(format_table(result.means))
+    print(*summary["verdicts"], sep="\n")
     print_wins_and_losses(result, "base", "fine-tuned")
     sig = summary["comparison"]["fine-tuned"]["ndcg@10"]
     rec.manifest.counts = {"queries": len(result.data.qrels), "ndcg@10_base": result.means["base"]["ndcg@10"],
                            "ndcg@10_fine_tuned": result.means["fine-tuned"]["ndcg@10"],
-                           "ndcg@10_p_value": sig["p_value"]}
+                           "ndcg@10_p_value": sig["p_value"],
+                           "ndcg@10_references": {r: result.means[r]["ndcg@10"] for r in result.references}}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import RetrofitError
+
 
 class ParityError(RuntimeError):
     pass
@@ -30,7 +32,7 @@ def _pooled_module(st_model):
     pooling = st_model[1]
     mode = pooling.get_pooling_mode_str() if hasattr(pooling, "get_pooling_mode_str") else "mean"
     if mode not in ("mean", "cls"):
-        raise ValueError(f"pooling mode {mode!r} is not supported by the ONNX export (mean or cls)")
+        raise RetrofitError(f"pooling mode {mode!r} is not supported by the ONNX export (mean or cls)")
 
     class Pooled(torch.nn.Module):
         def __init__(self):
@@ -227,7 +229,7 @@ def run_stage(cfg, run, rec) -> None:
     if cfg.export.tensorrt != "off":
         why_not = tensorrt_unavailable()
         if why_not and cfg.export.tensorrt == "required":
-            raise ValueError(f"export.tensorrt is 'required' but {why_not}")
+            raise RetrofitError(f"export.tensorrt is 'required' but {why_not}")
         if why_not:
             print(f"[export] TensorRT engine skipped: {why_not}", flush=True)
         else:
@@ -251,7 +253,7 @@ def int8_variant(cfg, run, rec) -> dict:
 
     int8_dir = quantize_int8(rec.dir / "onnx", rec.dir / "onnx-int8")
     result = evaluate_models(run.root / "prep" / "beir_test", {"fp32": str(rec.dir / "onnx"), "int8": str(int8_dir)},
-                             cfg.eval.top_k, run.root / "cache" / "eval", cfg.eval.batch_size)
+                             cfg.eval.top_k, run.root / "cache" / "eval", cfg.eval.batch_size, references=False)
     loss = result.means["fp32"]["ndcg@10"] - result.means["int8"]["ndcg@10"]
     kept = loss <= cfg.export.int8_max_ndcg_loss
     summary = {"ndcg@10_fp32": result.means["fp32"]["ndcg@10"], "ndcg@10_int8": result.means["int8"]["ndcg@10"],

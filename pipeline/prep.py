@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import RetrofitError
+
 SPLIT_SCHEMA = pa.schema([
     ("qa_id", pa.string()), ("query", pa.string()), ("query_type", pa.string()),
     ("positive_id", pa.string()), ("positive_doc_id", pa.string()), ("positive_text", pa.string()),
@@ -202,17 +204,24 @@ def judge_queries(qa: list[dict], passage_of: dict[str, str], judge, min_score: 
                   "scores": quantiles([float(x) for x in scores]), "dropped_examples": dropped[:5]}
 
 
-def roundtrip_filter(qa: list[dict], mined: list[dict], top_k: int) -> tuple[list[dict], list[dict], dict]:
-    """Keep a query only if the mining model ranks its source chunk in the top k: drops queries that
-    do not describe their chunk (meta replies such as "The claim is not supported", copied examples)."""
+def roundtrip_filter(qa: list[dict], mined: list[dict], split_of_row: list[str], top_k: int
+                     ) -> tuple[list[dict], list[dict], dict]:
+    """Keep a *training* query only if the mining model ranks its source chunk in the top k: drops queries
+    that do not describe their chunk (meta replies such as "The claim is not supported", copied examples).
+
+    Val and test queries are never filtered this way: the mining model is the base model that evaluation
+    compares against, and a split kept only where the base already finds the answer flatters its recall
+    (Recall@100 1.0 by construction) and hides regressions."""
     if top_k <= 0:
-        return qa, mined, {"top_k": 0, "in": len(qa), "out": len(qa)}
-    kept = [(row, m) for row, m in zip(qa, mined) if 0 <= m["positive_rank"] < top_k]
-    examples = [row["query"] for row, m in zip(qa, mined) if not 0 <= m["positive_rank"] < top_k][:5]
-    summary = {"top_k": top_k, "in": len(qa), "out": len(kept), "dropped_examples": examples}
-    print(f"[prep] round-trip filter (source chunk in the top {top_k}): kept {len(kept)} of {len(qa)} queries",
-          flush=True)
-    return [r for r, _ in kept], [m for _, m in kept], summary
+        return qa, mined, {"top_k": 0, "applied_to": "train", "in": len(qa), "out": len(qa)}
+    keep = [split != "train" or 0 <= m["positive_rank"] < top_k for m, split in zip(mined, split_of_row)]
+    examples = [row["query"] for row, k in zip(qa, keep) if not k][:5]
+    n_train = sum(split == "train" for split in split_of_row)
+    summary = {"top_k": top_k, "applied_to": "train", "in": n_train, "out": n_train - keep.count(False),
+               "dropped_examples": examples}
+    print(f"[prep] round-trip filter on training queries (source chunk in the top {top_k}): kept "
+          f"{summary['out']} of {n_train}; val and test queries are not filtered", flush=True)
+    return ([r for r, k in zip(qa, keep) if k], [m for m, k in zip(mined, keep) if k], summary)
 
 
 def unroll_positives(qa: list[dict], doc_of: dict[str, str]) -> list[dict]:
@@ -255,17 +264,24 @@ def eval_set_folder(cfg, chunks_path: Path) -> Path | None:
     from pipeline.rundir import tree_fingerprint
 
     root = Path(cfg.prep.eval_set_root) if cfg.prep.eval_set_root else cache_dir() / "eval_sets"
-    return root / tree_fingerprint(chunks_path)
+    # "v2": test queries are no longer round-trip filtered; sets frozen before that are never reused.
+    return root / f"v2-{tree_fingerprint(chunks_path)}"
 
 
 def freeze_eval_set(folder: Path, split_of: dict[str, str], test_rows: list[dict]) -> None:
     """Keep the document split and the test queries for later runs on the same corpus."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # A private temporary folder and an atomic rename: two runs freezing at once never mix their files.
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     (tmp / "split.json").write_text(json.dumps(split_of))
     pq.write_table(pa.Table.from_pylist(test_rows, SPLIT_SCHEMA), tmp / "test.parquet")
-    if not folder.exists():
+    try:
         tmp.rename(folder)
+    except OSError:  # another run froze this corpus first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_beir(out_dir: Path, chunks: pa.Table, test_rows: list[dict]) -> None:
@@ -294,7 +310,7 @@ def run_stage(cfg, run, rec) -> None:
     chunks = pq.read_table(chunks_path)
     qa = pq.read_table(run.root / "sdg" / "qa.parquet").to_pylist()
     if not qa:
-        raise ValueError(f"{run.root / 'sdg' / 'qa.parquet'} holds no QA pairs: nothing to train on")
+        raise RetrofitError(f"{run.root / 'sdg' / 'qa.parquet'} holds no QA pairs: nothing to train on")
     # The chunk columns, read once: ids, documents and the passage text every model sees.
     chunk_ids = chunks.column("chunk_id").to_pylist()
     chunk_docs = chunks.column("doc_id").to_pylist()
@@ -302,7 +318,7 @@ def run_stage(cfg, run, rec) -> None:
     doc_of = dict(zip(chunk_ids, chunk_docs))
     unknown = next((r for r in qa if r["chunk_id"] not in doc_of), None)
     if unknown is not None:
-        raise ValueError(f"sdg/qa.parquet row {unknown['qa_id']!r}: chunk_id {unknown['chunk_id']!r} is not in "
+        raise RetrofitError(f"sdg/qa.parquet row {unknown['qa_id']!r}: chunk_id {unknown['chunk_id']!r} is not in "
                          "corpus/chunks.parquet (QA pairs from another corpus?)")
     n_queries = len(qa)
     qa = unroll_positives(qa, doc_of)
@@ -354,15 +370,17 @@ def run_stage(cfg, run, rec) -> None:
                            other_positives=[row["positives"] for row in qa], selection=p.negative_selection,
                            seed=cfg.seed, index=index, judge=judge, judge_top=p.judge_top,
                            judge_ratio=p.judge_ratio, passages=passages)
-    qa, mined, roundtrip = roundtrip_filter(qa, mined, p.roundtrip_top_k)
+    # A query belongs to its first positive's split.
+    split_of_row = [split_of.get(group_doc[row["group_id"]], "train") for row in qa]
+    qa, mined, roundtrip = roundtrip_filter(qa, mined, split_of_row, p.roundtrip_top_k)
     rec.phase("mine")
 
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     cross_split = 0
     for row, m in zip(qa, mined):
         pos = m["positive"]
-        # A query belongs to its first positive's split; an extra positive from another split would leak
-        # a held-out chunk into training (or a training chunk into the test set), so it is left out.
+        # An extra positive from another split would leak a held-out chunk into training (or a training
+        # chunk into the test set), so it is left out.
         split = split_of.get(group_doc[row["group_id"]], "train")
         if split_of.get(chunk_docs[pos], "train") != split:
             cross_split += 1
@@ -385,7 +403,7 @@ def run_stage(cfg, run, rec) -> None:
         pq.write_table(pa.Table.from_pylist(rows, SPLIT_SCHEMA), rec.output(f"{name}.parquet"))
     write_beir(rec.dir / "beir_test", chunks, splits["test"])
     if not splits["train"]:
-        raise ValueError("the training split is empty: the corpus needs more documents or QA pairs")
+        raise RetrofitError("the training split is empty: the corpus needs more documents or QA pairs")
     rec.manifest.counts = {**{f"{k}_rows": len(v) for k, v in splits.items()}, "queries": n_queries,
                            "query_positive_pairs": n_pairs,
                            "documents": {s: sum(1 for v in split_of.values() if v == s) for s in splits},

@@ -3,6 +3,9 @@
 - `paired_test`: a paired randomisation (sign-flip) test over queries for the p-value, and a paired
   bootstrap for the 95% interval of the mean difference.
 - `compare`: absolute values, absolute and relative deltas vs the base model, significance per metric.
+  NDCG@10 is the primary metric, tested at 0.05; the others are secondary and their p-values are
+  Holm-corrected across them (`p_holm`), so a table of ten metrics does not find a "gain" by chance.
+- `verdict`: one plain sentence on the primary metric, saying so when the difference is within noise.
 - `by_query_type`: the same means split by query type (identifier queries, questions, claims, ...).
 - `plot_metrics`: grouped bar chart, one group per metric, one bar per model.
 """
@@ -31,8 +34,24 @@ def paired_test(base: np.ndarray, other: np.ndarray, n_resamples: int = 10_000, 
     return {"delta": observed, "ci95": [float(lo), float(hi)], "p_value": p, "significant": p < 0.05}
 
 
+PRIMARY = "ndcg@10"
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
+    adjusted, running = {}, 0.0
+    ordered = sorted(p_values.items(), key=lambda kv: kv[1])
+    for i, (name, p) in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - i) * p))
+        adjusted[name] = running
+    return adjusted
+
+
 def compare(per_query: dict[str, dict[str, dict[str, float]]], metrics, base: str = "base") -> dict:
-    """{model: {metric: {value, delta, rel_delta, ci95, p_value, significant}}} against `base`."""
+    """{model: {metric: {value, delta, rel_delta, ci95, p_value, p_holm, significant}}} against `base`.
+
+    `significant` uses the raw p-value for the primary metric (NDCG@10) and the Holm-corrected one for
+    every other metric."""
     qids = sorted(per_query[base])
     out = {}
     for model, table in per_query.items():
@@ -49,7 +68,22 @@ def compare(per_query: dict[str, dict[str, dict[str, float]]], metrics, base: st
                               "ci95": [round(x, 5) for x in test["ci95"]], "p_value": round(test["p_value"], 5),
                               "significant": test["significant"]})
             out[model][m] = entry
+        secondary = {m: out[model][m]["p_value"] for m in metrics if m != PRIMARY and "p_value" in out[model][m]}
+        for m, p in holm(secondary).items():
+            out[model][m]["p_holm"] = round(p, 5)
+            out[model][m]["significant"] = p < 0.05
     return out
+
+
+def verdict(comparison: dict, model: str, base: str, n_queries: int, metric: str = PRIMARY) -> str:
+    """One sentence a user can act on: better, worse, or within noise, with the interval and p-value."""
+    c, b = comparison[model][metric], comparison[base][metric]
+    figures = (f"{metric.upper()} {b['value']:.4f} -> {c['value']:.4f} ({c['delta']:+.4f}, "
+               f"95% CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}], p {c['p_value']:.3f}, {n_queries} queries)")
+    if not c["significant"]:
+        return (f"{model} vs {base}: {figures}: within noise. This test set cannot tell the two apart; "
+                "do not read the difference as a gain or a loss.")
+    return f"{model} vs {base}: {figures}: {model} is {'better' if c['delta'] > 0 else 'WORSE'}."
 
 
 def by_query_type(per_query: dict, query_types: dict[str, str], metrics) -> dict:

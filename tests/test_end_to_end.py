@@ -11,7 +11,7 @@ from tests.conftest import free_port
 
 SETTINGS = ["corpus.sample_docs=20", "corpus.chunk_tokens=256", "corpus.chunk_overlap=16",
             "sdg.query_types.question=1", "sdg.query_types.keyword=1", "sdg.shard_size=8", "sdg.num_actors=2", "train.batch_size=8",
-            "train.max_passage_tokens=128", "train.epochs=1", "train.negatives_per_query=2", "export.parity_texts=50"]
+            "train.max_passage_tokens=256", "train.epochs=1", "train.negatives_per_query=2", "export.parity_texts=50"]
 
 
 def retrofit(*args, timeout=1500):
@@ -77,8 +77,11 @@ def test_every_stage_completed_with_its_artifacts(run_dir):
     report = (run / "eval" / "report.md").read_text()
     assert "paired randomisation test" in report and "| ndcg@10 |" in report and "## By query type" in report
     assert (run / "eval" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["references"] == ["bm25 (reference)", "bm25+base RRF (reference)"]
+    assert "bm25 (reference)" in report and metrics["verdicts"][0].startswith("fine-tuned vs base: NDCG@10")
     per_query = pq.read_table(run / "eval" / "per_query.parquet")
-    assert per_query.num_rows == 2 * len(splits["test"])  # one row per model and test query
+    # one row per model (base, fine-tuned, the reference rows) and test query
+    assert per_query.num_rows == (2 + len(metrics["references"])) * len(splits["test"])
     assert "Largest wins of fine-tuned" in output or "Largest losses of fine-tuned" in output
 
     parity = json.loads((run / "export" / "parity.json").read_text())

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 
 from pipeline.prep import mine_negatives, roundtrip_filter, split_documents
@@ -97,13 +99,44 @@ def test_fixed_evaluation_set_is_reused_across_runs_on_the_same_corpus(tmp_path)
     assert {r["positive_doc_id"] for r in third} != test_docs
 
 
-def test_roundtrip_filter_drops_queries_whose_source_is_not_found():
+def test_roundtrip_filter_drops_training_queries_whose_source_is_not_found():
     qa = [{"query": "good"}, {"query": "The claim is not supported."}, {"query": "far"}]
     mined = [{"positive_rank": 0}, {"positive_rank": -1}, {"positive_rank": 25}]
-    kept_qa, kept_mined, summary = roundtrip_filter(qa, mined, top_k=20)
+    kept_qa, kept_mined, summary = roundtrip_filter(qa, mined, ["train"] * 3, top_k=20)
     assert [r["query"] for r in kept_qa] == ["good"] and len(kept_mined) == 1
     assert summary["in"] == 3 and summary["out"] == 1 and "The claim is not supported." in summary["dropped_examples"]
-    assert roundtrip_filter(qa, mined, top_k=0)[0] == qa
+    assert roundtrip_filter(qa, mined, ["train"] * 3, top_k=0)[0] == qa
+
+
+def test_roundtrip_filter_never_touches_val_or_test_queries():
+    """The filter uses the base model, which evaluation compares against: a held-out split kept only where
+    the base already finds the source would flatter it (base Recall@100 = 1.0 by construction)."""
+    qa = [{"query": q} for q in ("a", "b", "c", "d")]
+    mined = [{"positive_rank": r} for r in (-1, 40, -1, 3)]
+    kept_qa, _, summary = roundtrip_filter(qa, mined, ["test", "val", "train", "train"], top_k=20)
+    assert [r["query"] for r in kept_qa] == ["a", "b", "d"]
+    assert summary == {"top_k": 20, "applied_to": "train", "in": 2, "out": 1, "dropped_examples": ["c"]}
+
+
+def test_prep_stage_keeps_test_queries_the_base_model_cannot_find(tmp_path):
+    """Stage level: with the strictest round-trip filter, training loses queries but the test split keeps
+    one row per test-document query."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_stage
+
+    run = _fake_run(tmp_path / "r", 2, "zebra quantum")  # queries that barely describe their chunk
+    cfg = load_config(None, ["prep.fixed_eval_set=false", "prep.num_negatives=2", "prep.roundtrip_top_k=1",
+                             "prep.near_duplicate_cosine=1.0"])
+    run_stage("prep", cfg, run)
+    test = pq.read_table(run.root / "prep" / "test.parquet").to_pylist()
+    counts = json.loads((run.root / "prep" / "manifest.json").read_text())["counts"]
+    qa = pq.read_table(run.root / "sdg" / "qa.parquet").to_pylist()
+    assert counts["roundtrip_filter"]["out"] < counts["roundtrip_filter"]["in"]  # it did drop training queries
+    assert len(test) == counts["test_rows"] > 0
+    test_doc_ids = {r["positive_doc_id"] for r in test}
+    assert len(test) == sum(r["doc_id"] in test_doc_ids for r in qa)  # every query of a test document is kept
 
 
 def _clustered(n, dim=32, seed=0):
