@@ -1,17 +1,21 @@
-"""Training: our train stage (Ray Train + DeepSpeed ZeRO-2, one worker) vs sentence-transformers'
+"""Training: our train stage (Ray Train + DeepSpeed ZeRO-2) vs sentence-transformers'
 `SentenceTransformerTrainer` with `MultipleNegativesRankingLoss`, same data, model, batch and machine.
 
-Data: the train/val splits of a SciFact run (default benchmarks/work/scifact-300, made by
-benchmarks/scifact.py: synthetic claims with 3 mined hard negatives each). Both train all-MiniLM-L6-v2
-for one epoch, batch 16, 3 hard negatives per query, lr 2e-5 with 10% warmup, temperature 0.05 (MNRL's
-scale 20). Each runs in a fresh child process; the parent samples the RSS of the child's whole process
-tree (ours includes Ray's own processes) and of its largest process (the one that trains).
+Data, built on first use under --work (nothing from an earlier run is needed): SciFact's abstracts
+(those its human *train* claims cite, plus others to 2,000) as a pre-chunked corpus, the train claims as
+queries (a claim citing several abstracts has several positives), then our real prep stage: document
+split, hard negatives mined with the base model. Both trainers train all-MiniLM-L6-v2 for one epoch,
+global batch 16, 3 hard negatives per query, lr 2e-5 with 10% warmup and cosine decay, temperature 0.05
+(MNRL's scale 20). Each runs in a fresh child process; the parent samples the RSS of the child's whole
+process tree (ours includes Ray's own processes) and of its largest process (the one that trains).
 Both final models are scored with the same val NDCG@10 (the val queries against every val passage).
 
-    .venv/bin/python benchmarks/training.py [--run benchmarks/work/scifact-300]
+    .venv/bin/python benchmarks/training.py
 
-Ours runs twice: with the DeepSpeed ZeRO-2 engine (the default) and with the plain AdamW engine.
-Prints examples/s, peak memory and val NDCG@10 for each and the ratios; writes results/training.json.
+Rows: ours with one worker (2 threads), sentence-transformers (2 threads), and ours with two workers
+(1 thread each, 8 rows each: the same global batch of 16, every query scored against all 16 positives
+and 48 hard negatives through the all-gather). Prints examples/s (wall, and inside the training loop),
+peak memory and val NDCG@10, and the ratios; writes results/training.json.
 """
 from __future__ import annotations
 
@@ -28,10 +32,52 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SETTINGS = {"batch_size": 16, "negatives": 3, "lr": 2e-5, "warmup_ratio": 0.1, "temperature": 0.05, "epochs": 1}
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+CORPUS_DOCS = 2000
+METHODS = {"ours": {"workers": 1}, "sentence-transformers": {}, "ours-2-workers": {"workers": 2}}
+
+
+def build_data(root: Path) -> Path:
+    """A run folder whose prep stage holds train/val splits made from SciFact's human train claims."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from pipeline.corpus import CHUNK_SCHEMA
+    from pipeline.evaluate import load_qrels
+    from pipeline.rundir import RunDir, StageRecorder
+    from pipeline.runner import run_stage
+    from pipeline.sdg import QA_SCHEMA
+
+    if (root / "prep" / "manifest.json").exists() and (root / "prep" / "train.parquet").exists():
+        return root
+    qrels = load_qrels(SCIFACT / "qrels" / "train.tsv")
+    claims = {str(q["_id"]): q["text"] for q in map(json.loads, open(SCIFACT / "queries.jsonl"))}
+    docs = {str(d["_id"]): d for d in map(json.loads, open(SCIFACT / "corpus.jsonl"))}
+    cited = sorted({d for rel in qrels.values() for d in rel if d in docs})
+    others = sorted(set(docs) - set(cited))
+    keep = cited + random.Random(0).sample(others, max(0, CORPUS_DOCS - len(cited)))
+    chunks = [{"chunk_id": d, "doc_id": d, "title": docs[d].get("title") or "", "text": docs[d]["text"],
+               "chunk_index": 0, "n_tokens": len(docs[d]["text"].split())} for d in keep]
+    qa = [{"qa_id": f"claim-{q}", "query": claims[q], "chunk_id": positives[0], "doc_id": positives[0],
+           "query_type": "claim", "generator": "scifact-train-claims", "related_chunk_ids": positives[1:]}
+          for q, rel in sorted(qrels.items()) if (positives := sorted(d for d in rel if d in docs))]
+    run = RunDir(root)
+    with StageRecorder(run, "corpus", "benchmark", {}) as rec:
+        pq.write_table(pa.Table.from_pylist(chunks, CHUNK_SCHEMA), rec.output("chunks.parquet"))
+    with StageRecorder(run, "sdg", "benchmark", {}) as rec:
+        pq.write_table(pa.Table.from_pylist(qa, QA_SCHEMA), rec.output("qa.parquet"))
+    cfg = load_config(None, ["prep.fixed_eval_set=false", "prep.roundtrip_top_k=0", "prep.num_negatives=5"])
+    run_stage("prep", cfg, run, force=True)
+    return root
 
 
 def make_run(source: Path, root: Path):
-    """A run folder whose prep stage holds the source run's train/val splits."""
+    """A fresh run folder whose prep stage holds the data's train/val splits."""
+    import pyarrow.parquet as pq
+
     from pipeline.rundir import RunDir, StageRecorder
 
     shutil.rmtree(root, ignore_errors=True)
@@ -40,30 +86,43 @@ def make_run(source: Path, root: Path):
         with StageRecorder(run, stage, "benchmark", {}) as rec:
             (rec.dir / "source.txt").write_text(str(source))
     with StageRecorder(run, "prep", "benchmark", {}) as rec:
-        for split in ("train", "val"):
-            shutil.copy(source / "prep" / f"{split}.parquet", rec.output(f"{split}.parquet"))
+        shutil.copy(source / "prep" / "val.parquet", rec.output("val.parquet"))
+        pq.write_table(train_table(source), rec.output("train.parquet"))
     return run
 
 
-def train_ours(work: Path, source: Path, engine: str) -> tuple[str, int, float]:
+def train_table(source: Path):
+    """The training rows both trainers use: those with the full number of hard negatives (MNRL needs the
+    same number on every row)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source / "prep" / "train.parquet")
+    return table.filter(pc.greater_equal(pc.list_value_length(table["negative_ids"]), SETTINGS["negatives"]))
+
+
+def train_ours(work: Path, source: Path, workers: int) -> tuple[str, int, float, int]:
     from pipeline.config import load_config
     from pipeline.runner import run_stage
 
-    run = make_run(source, work / f"ours-{engine}")
-    cfg = load_config(None, [f"train.batch_size={SETTINGS['batch_size']}", f"train.epochs={SETTINGS['epochs']}",
+    run = make_run(source, work / f"ours-{workers}-workers")
+    per_worker = SETTINGS["batch_size"] // workers  # the same global batch whatever the worker count
+    cfg = load_config(None, [f"train.batch_size={per_worker}", f"train.epochs={SETTINGS['epochs']}",
                              f"train.negatives_per_query={SETTINGS['negatives']}", f"train.lr={SETTINGS['lr']}",
-                             f"train.temperature={SETTINGS['temperature']}", "train.cpus_per_worker=2",
-                             "train.keep=last", "ray.num_cpus=2", f"train.engine={engine}"])
+                             f"train.warmup_ratio={SETTINGS['warmup_ratio']}",
+                             f"train.temperature={SETTINGS['temperature']}", f"train.num_workers={workers}",
+                             f"train.cpus_per_worker={2 // workers}", "train.keep=last", "ray.num_cpus=2",
+                             "train.engine=deepspeed"])
     run_stage("train", cfg, run, force=True)
     log = [json.loads(x) for x in (run.root / "train" / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r and "event" not in r]
+    global_batch = next(r["global_batch"] for r in log if r.get("event") == "start")
     # Time inside the training loop (the sum of step times), as the ST trainer's own figure counts it.
-    loop_s = sum(SETTINGS["batch_size"] / r["examples_per_s"] for r in steps)
-    return str(run.root / "train" / "model"), len(steps), len(steps) * SETTINGS["batch_size"] / loop_s
+    loop_s = sum(global_batch / r["examples_per_s"] for r in steps)
+    return str(run.root / "train" / "model"), len(steps), len(steps) * global_batch / loop_s, global_batch
 
 
 def train_sentence_transformers(work: Path, source: Path) -> tuple[str, int, float]:
-    import pyarrow.parquet as pq
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -74,9 +133,8 @@ def train_sentence_transformers(work: Path, source: Path) -> tuple[str, int, flo
     from pipeline.models import resolve_embedder
 
     torch.set_num_threads(2)
-    rows = pq.read_table(source / "prep" / "train.parquet").to_pylist()
+    rows = train_table(source).to_pylist()
     k = SETTINGS["negatives"]
-    rows = [r for r in rows if len(r["negative_texts"]) >= k]  # MNRL needs the same number per row
     data = {"anchor": [r["query"] for r in rows], "positive": [r["positive_text"] for r in rows]}
     for i in range(k):
         data[f"negative_{i}"] = [r["negative_texts"][i] for r in rows]
@@ -94,7 +152,8 @@ def train_sentence_transformers(work: Path, source: Path) -> tuple[str, int, flo
     return str(out / "model"), trainer.state.global_step, metrics["train_samples_per_second"]
 
 
-def val_ndcg(model_path: str, source: Path) -> float:
+def val_ndcg(model_path: str, source: Path) -> dict[str, float]:
+    """Val NDCG@10 of each val query (the val queries against every val passage)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -107,24 +166,24 @@ def val_ndcg(model_path: str, source: Path) -> float:
     def encode(texts, kind):
         return torch.nn.functional.normalize(torch.as_tensor(model.encode(texts, batch_size=64)), dim=-1)
 
-    return val.ndcg10(encode)
+    return val.per_query(encode)
 
 
 def child(method: str, work: Path, source: Path) -> dict:
-    """method: 'ours-deepspeed', 'ours-ddp' or 'sentence-transformers'."""
-    import pyarrow.parquet as pq
-
-    n_rows = pq.ParquetFile(source / "prep" / "train.parquet").metadata.num_rows
+    n_rows = train_table(source).num_rows
     t0 = time.perf_counter()
     if method.startswith("ours"):
-        model, steps, loop_rate = train_ours(work, source, method.split("-", 1)[1])
+        model, steps, loop_rate, global_batch = train_ours(work, source, METHODS[method]["workers"])
     else:
         model, steps, loop_rate = train_sentence_transformers(work, source)
+        global_batch = SETTINGS["batch_size"]
     seconds = time.perf_counter() - t0
-    examples = steps * SETTINGS["batch_size"]
-    return {"method": method, "train_rows": n_rows, "steps": steps, "seconds": round(seconds, 1),
-            "examples_per_s": round(examples / seconds, 3), "loop_examples_per_s": round(loop_rate, 3),
-            "val_ndcg@10": round(val_ndcg(model, source), 4)}
+    examples = steps * global_batch
+    per_query = val_ndcg(model, source)
+    return {"method": method, "train_rows": n_rows, "steps": steps, "global_batch": global_batch,
+            "seconds": round(seconds, 1), "examples_per_s": round(examples / seconds, 3),
+            "loop_examples_per_s": round(loop_rate, 3),
+            "val_ndcg@10": round(sum(per_query.values()) / len(per_query), 4), "val_per_query": per_query}
 
 
 def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
@@ -154,52 +213,71 @@ def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default=str(ROOT / "benchmarks" / "work" / "scifact-300"),
-                    help="A run folder with prep/train.parquet and prep/val.parquet.")
-    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "training"))
-    ap.add_argument("--methods", nargs="+", default=["ours-deepspeed", "ours-ddp", "sentence-transformers"],
-                    choices=["ours-deepspeed", "ours-ddp", "sentence-transformers"])
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "training"),
+                    help="Scratch folder: the data (built on first use) and each method's run.")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    source, work = Path(args.run), Path(args.work)
+    work = Path(args.work).resolve()
+    source = work / "data"
     if args.child:
         print("RESULT " + json.dumps(child(args.child, work, source)), flush=True)
         return 0
-    if not (source / "prep" / "train.parquet").exists():
-        raise SystemExit(f"{source}/prep/train.parquet is missing: run benchmarks/scifact.py --docs 300 first")
+    build_data(source)
 
     from benchmarks.common import write_result
+    from pipeline.report import paired_test
 
     results = []
     for method in args.methods:
-        proc, peak = run_measured([sys.executable, __file__, "--child", method, "--run", str(source),
-                                   "--work", str(work)])
+        proc, peak = run_measured([sys.executable, __file__, "--child", method, "--work", str(work)])
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
             return 1
         results.append({**json.loads(line[len("RESULT "):]), "peak_rss": peak})
-    print(f"{'method':22} {'steps':>5} {'seconds':>8} {'examples/s':>10} {'in loop':>8} {'tree MiB':>9} "
-          f"{'trainer MiB':>11} {'val NDCG@10':>11}")
+    print(f"{'method':22} {'batch':>5} {'steps':>5} {'seconds':>8} {'examples/s':>10} {'in loop':>8} "
+          f"{'tree MiB':>9} {'trainer MiB':>11} {'val NDCG@10':>11}")
     for r in results:
-        print(f"{r['method']:22} {r['steps']:5d} {r['seconds']:8.1f} {r['examples_per_s']:10.2f} "
-              f"{r['loop_examples_per_s']:8.2f} "
-              f"{r['peak_rss']['tree_mib']:9d} {r['peak_rss']['largest_process_mib']:11d} {r['val_ndcg@10']:11.4f}")
+        print(f"{r['method']:22} {r['global_batch']:5d} {r['steps']:5d} {r['seconds']:8.1f} "
+              f"{r['examples_per_s']:10.2f} {r['loop_examples_per_s']:8.2f} {r['peak_rss']['tree_mib']:9d} "
+              f"{r['peak_rss']['largest_process_mib']:11d} {r['val_ndcg@10']:11.4f}")
     by_name = {r["method"]: r for r in results}
     st = by_name.get("sentence-transformers")
     ratios = {}
     for name, ours in by_name.items():
         if st is None or name == "sentence-transformers":
             continue
+        # Is the val difference more than the noise of this val set? (paired over its queries)
+        qids = sorted(st["val_per_query"])
+        val_test = paired_test([st["val_per_query"][q] for q in qids], [ours["val_per_query"][q] for q in qids])
         ratios[name] = {"examples_per_s_over_st": round(ours["examples_per_s"] / st["examples_per_s"], 3),
                         "loop_examples_per_s_over_st": round(ours["loop_examples_per_s"] / st["loop_examples_per_s"], 3),
+                        "val_ndcg10_minus_st": round(ours["val_ndcg@10"] - st["val_ndcg@10"], 4),
+                        "val_ndcg10_p_vs_st": round(val_test["p_value"], 4),
+                        "val_ndcg10_ci95_vs_st": [round(x, 4) for x in val_test["ci95"]],
                         "peak_tree_rss_over_st": round(ours["peak_rss"]["tree_mib"] / st["peak_rss"]["tree_mib"], 3),
                         "peak_trainer_rss_over_st": round(ours["peak_rss"]["largest_process_mib"]
                                                           / st["peak_rss"]["largest_process_mib"], 3)}
         print(f"{name} / sentence-transformers: " + ", ".join(f"{k} {v}" for k, v in ratios[name].items()))
-    path = write_result("training" if len(results) == 3 else "training-" + "-".join(args.methods), {"settings": SETTINGS, "source_run": str(source), "results": results,
-                                     "ratios": ratios, "command": "benchmarks/training.py --methods " + " ".join(args.methods)})
-    print(f"wrote {path}")
+    for r in results:
+        r.pop("val_per_query")  # the paired test above used them; the file keeps the means
+    headline = {}
+    if "ours" in by_name and st:
+        headline = {"ours_examples_per_s": by_name["ours"]["examples_per_s"],
+                    "ours_loop_examples_per_s": by_name["ours"]["loop_examples_per_s"],
+                    "st_examples_per_s": st["examples_per_s"], "st_loop_examples_per_s": st["loop_examples_per_s"],
+                    "ours_val_ndcg10": by_name["ours"]["val_ndcg@10"], "st_val_ndcg10": st["val_ndcg@10"]}
+    name = "training" if set(args.methods) == set(METHODS) else "training-" + "-".join(args.methods)
+    path = write_result(name, {**headline, "settings": SETTINGS, "data": str(source.relative_to(ROOT))
+                               if source.is_relative_to(ROOT) else "--work/data (outside the repository)",
+                               "results": results, "ratios": ratios,
+                               "command": "benchmarks/training.py --methods " + " ".join(args.methods)})
+    print(f"wrote {path.relative_to(ROOT)}")
+    if headline:
+        print(f"examples/s ours/ST: wall {ratios['ours']['examples_per_s_over_st']:.2f}x, "
+              f"in loop {ratios['ours']['loop_examples_per_s_over_st']:.2f}x; val NDCG@10 "
+              f"{headline['ours_val_ndcg10']:.4f} vs {headline['st_val_ndcg10']:.4f}")
     return 0
 
 
