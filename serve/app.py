@@ -175,5 +175,8 @@ def start(export_dir: str, model_name: str, serve_cfg, app_name: str = APP_NAME,
 
 
 def stop(app_name: str = APP_NAME) -> None:
-    """Delete our application only: on a shared cluster other Serve applications keep running."""
+    """Delete our application only: on a shared cluster other Serve applications keep running. When
+    nothing else is served, Serve itself stops too (its controller and proxies free their resources)."""
     serve.delete(app_name)
+    if not serve.status().applications:
+        serve.shutdown()

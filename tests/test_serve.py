@@ -28,14 +28,14 @@ def test_stopping_our_endpoint_leaves_other_serve_applications_running(endpoint)
 
     from serve import app
 
-    @serve.deployment
+    @serve.deployment(ray_actor_options={"num_cpus": 0})  # the test's Ray has 2 CPUs; the fixture holds one
     class Other:
         def __call__(self, request) -> str:
             return "still here"
 
     url, export_dir, _ = endpoint
     serve.run(Other.bind(), name="someone-elses-app", route_prefix="/other")
-    cfg = load_config(None, [f"serve.port={url.rsplit(':', 1)[1]}"])
+    cfg = load_config(None, [f"serve.port={url.rsplit(':', 1)[1]}", "serve.cpus_per_replica=0.1"])
     app.start(str(export_dir), "test-model", cfg.serve, app_name="retrofit-second", route_prefix="/second")
     app.stop("retrofit-second")
     apps = serve.status().applications
