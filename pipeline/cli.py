@@ -135,7 +135,9 @@ def _check_eval_flags(args) -> None:
 def _eval_beir(args, cfg) -> None:
     from pipeline.evaluate import evaluate_models, format_table, print_wins_and_losses, write_report
     from pipeline.models import cache_dir, resolve_embedder
+    from pipeline.ray_runtime import configure
 
+    configure(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)  # used past eval's Ray threshold
     models = {name: resolve_embedder(name) for name in (args.model or [cfg.train.base_model])}
     models.update({url: url for url in args.endpoint})
     baseline = next(iter(models))

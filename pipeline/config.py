@@ -214,7 +214,7 @@ class ServeConfig(Section):
     target_ongoing_requests: float = Field(16.0, gt=0.0, description="Autoscaling target per replica.")
     max_inputs: int = Field(256, ge=1, description="Inputs per request.")
     max_input_chars: int = Field(8192, ge=1, description="Longer inputs answer 413 unless the request sets "
-                                 "'truncate': true.")
+                                 "'truncate' ('END' or 'START'); so do inputs over the model's token limit.")
     max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica works on at once "
                                              "(default: 2 x max_batch_size; Ray's own default of 5 caps batching).")
     max_queued_requests: int = Field(64, ge=1, description="Requests waiting beyond that; more answer 503 at once.")

@@ -58,7 +58,9 @@ class _EndpointEncoder:
     def encode(self, texts: list[str], kind: str) -> np.ndarray:
         from serve.client import embed
 
-        out = [embed(self.url, texts[i:i + self.batch_size], encoding_format="base64", input_type=kind)
+        # Evaluation reads long documents the way the in-process model does: their first max_seq_length tokens.
+        out = [embed(self.url, texts[i:i + self.batch_size], encoding_format="base64", input_type=kind,
+                     truncate="END")
                for i in range(0, len(texts), self.batch_size)]
         return np.asarray([v for chunk in out for v in chunk], np.float32)
 

@@ -226,9 +226,13 @@ def make_engine(sdg: dict, llm_name: str):
 
     def build(backend: str):
         if backend == "openai":
-            return OpenAIEngine(sdg, sdg["openai_model"] or llm_name)
+            engine = OpenAIEngine(sdg, sdg["openai_model"] or llm_name)
+            engine.origin = f"openai:{engine.model}"
+            return engine
         path = resolve_llm(llm_name)  # in the actor: on a cluster, each node converts/caches its own copy
-        return VLLMEngine(path, sdg) if backend == "vllm" else TransformersEngine(path, sdg)
+        engine = VLLMEngine(path, sdg) if backend == "vllm" else TransformersEngine(path, sdg)
+        engine.origin = f"{backend}:{llm_name}"  # every shard records it: the run shows what wrote each query
+        return engine
 
     try:
         return build(sdg["backend"])

@@ -15,15 +15,28 @@ import time
 from typing import Iterator
 
 log = logging.getLogger("retrofit.ray")
+_started_here = False  # an embedded Ray this process started: no autoscaler will ever add resources
+
+
+_settings: dict = {}  # the run's [ray] section, for stages that start Ray only past a size threshold
+
+
+def configure(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None) -> None:
+    """Remember the run's Ray settings without starting Ray: whichever stage needs Ray first (SDG, or
+    prep/eval/export past their size thresholds) starts it with these, never with Ray's defaults."""
+    _settings.update(address=address, num_cpus=num_cpus, metrics_port=metrics_port)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None) -> None:
-    """Join RAY_ADDRESS (or `address`) when set; otherwise start an embedded local Ray."""
+    """Join RAY_ADDRESS (or `address`) when set; otherwise start an embedded local Ray. Unset arguments
+    come from configure()."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or _settings.get("address") or os.environ.get("RAY_ADDRESS")
+    num_cpus = num_cpus if num_cpus is not None else _settings.get("num_cpus")
+    metrics_port = metrics_port if metrics_port is not None else _settings.get("metrics_port")
     # Workers must import our packages the same way the driver does (a source checkout included).
     project_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join([project_root, os.environ.get("PYTHONPATH", "")]),
@@ -38,6 +51,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
     else:
         log.info("starting embedded local Ray")
+        global _started_here
+        _started_here = True
         # metrics_port: where Prometheus scrapes Ray's metrics (ours included); None lets Ray pick one.
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level=logging.WARNING,
                  _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port)
@@ -46,6 +61,28 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # we print our own progress line per shard
     ctx.print_on_execution_start = False
+
+
+def check_resources(label: str, bundles: list[dict]) -> None:
+    """Say why a stage would wait instead of letting it hang silently: on our embedded Ray, resources it
+    can never have are an error; resources other Ray work holds right now get a warning naming them."""
+    import ray
+
+    from pipeline.errors import RetrofitError
+
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            need[key] = need.get(key, 0.0) + amount
+    total, free = ray.cluster_resources(), ray.available_resources()
+    short = {k: v for k, v in need.items() if total.get(k, 0.0) < v}
+    if short and _started_here:
+        raise RetrofitError(f"{label} needs {short}; this machine's Ray has {({k: total.get(k, 0.0) for k in short})} "
+                            f"in all (lower the workers or the resources per worker)")
+    busy = {k: free.get(k, 0.0) for k, v in need.items() if free.get(k, 0.0) < v}
+    if busy:
+        print(f"[{label}] waiting for {need}: free now {busy} (other Ray work holds the rest"
+              f"{'' if _started_here else ', or the autoscaler has yet to add it'})", file=sys.stderr, flush=True)
 
 
 def set_threads(n: int) -> None:
@@ -93,6 +130,7 @@ def map_shards(worker_cls: type, tasks: list[dict], *, ctor_kwargs: dict, use_ra
 
     import ray.data
 
+    ensure_ray()  # Ray Data would otherwise start a default Ray that ignores the run's settings
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(_BatchAdapter, fn_constructor_kwargs={"worker_cls": worker_cls, "ctor_kwargs": ctor_kwargs},
                         batch_size=1, batch_format="pandas",

@@ -80,10 +80,11 @@ def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) 
             print(f"[{name}] {why}: deleting {folder} ({_describe(folder)})", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
         rec.dir.mkdir(parents=True)
-    if name in NEEDS_RAY:
-        from pipeline.ray_runtime import ensure_ray
+    from pipeline.ray_runtime import configure, ensure_ray
 
-        ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)
+    configure(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)
+    if name in NEEDS_RAY:
+        ensure_ray()
     print(f"[{name}] running", flush=True)
     t0 = time.perf_counter()
     with rec:

@@ -219,9 +219,26 @@ class QueryGenerator:
                                          "query_type": qtype, "generator": self.llm_name,
                                          "related_chunk_ids": [related] if related else None})
         summary = {"shard_id": shard_id, "chunks": len(chunks), "queries": len(rows), **stats,
-                   "output_tokens": self.engine.output_tokens - tokens_before, "node": current_node()}
+                   "output_tokens": self.engine.output_tokens - tokens_before, "node": current_node(),
+                   "origin": self.engine.origin}
         write_shard(pa.Table.from_pylist(rows, QA_SCHEMA), self.shard_dir, shard_id, summary)
         return summary
+
+
+def shard_origins(shards: list[Path]) -> dict[str, int]:
+    """Shards per backend:model. One stage's queries come from one generator: a fallback in some actors
+    (or a resume under another backend) would mix two generators' styles without a trace, so it stops
+    the stage. The shards stay on disk."""
+    origins: dict[str, list[str]] = {}
+    for p in shards:
+        origin = json.loads(p.with_suffix(".json").read_text()).get("origin", "unrecorded")
+        origins.setdefault(origin, []).append(p.name)
+    if len(origins) > 1:
+        detail = "; ".join(f"{o}: {len(names)} shard(s), e.g. {names[0]}" for o, names in sorted(origins.items()))
+        raise RetrofitError(f"{shards[0].parent} mixes query generators ({detail}). Make the intended backend "
+                            "available (or set sdg.backend to the one you want and sdg.fallback_backend to null) "
+                            "and rerun with --force sdg")
+    return {o: len(names) for o, names in origins.items()}
 
 
 def current_node() -> str | None:
@@ -256,6 +273,7 @@ def run_stage(cfg, run, rec) -> None:
     rec.phase("generate")
 
     shards = sorted(shard_dir.glob("shard-*.parquet"))
+    origins = shard_origins(shards)
     qa = pa.concat_tables([pq.read_table(p, schema=QA_SCHEMA) for p in shards])
     pq.write_table(qa, rec.output("qa.parquet"))
     totals: dict[str, int] = {}
@@ -264,12 +282,13 @@ def run_stage(cfg, run, rec) -> None:
         for k, v in json.loads(p.with_suffix(".json").read_text()).items():
             if k == "node":
                 nodes.add(v)
-            elif k != "shard_id":
+            elif k not in ("shard_id", "origin"):
                 totals[k] = totals.get(k, 0) + int(v)
     fresh_chunks = sum(int(r["chunks"]) for r in fresh)
     fresh_queries = sum(int(r["queries"]) for r in fresh)
     fresh_tokens = sum(int(r.get("output_tokens", 0)) for r in fresh)
     rec.manifest.counts = {**totals, "qa_pairs": qa.num_rows, "shards": len(shards), "resumed_shards": len(done),
+                           "generated_by": origins,
                            "ray_nodes": sorted(n for n in nodes if n),
                            "chunks_per_s": round(fresh_chunks / seconds, 3) if seconds and fresh else None,
                            "queries_per_s": round(fresh_queries / seconds, 3) if seconds and fresh else None,

@@ -391,6 +391,7 @@ def run_stage(cfg, run, rec) -> None:
     from ray.train.torch import TorchTrainer
 
     from pipeline.models import resolve_embedder
+    from pipeline.ray_runtime import check_resources
 
     train_path = run.root / "prep" / "train.parquet"
     n_rows = pq.ParquetFile(train_path).metadata.num_rows
@@ -408,14 +409,15 @@ def run_stage(cfg, run, rec) -> None:
         shutil.rmtree(storage / f"train-{identity}", ignore_errors=True)
     val_path = run.root / "prep" / "val.parquet"
     has_val = val_path.exists() and pq.ParquetFile(val_path).metadata.num_rows > 0
+    per_worker = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    check_resources("train", [per_worker] * tc.num_workers)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": tc.model_dump(), "lr": tc.effective_lr, "base_model": resolve_embedder(tc.base_model),
                            "train_path": str(train_path), "val_path": str(val_path) if has_val else None,
                            "log_path": str(log_path), "tensorboard_dir": str(rec.dir / "tensorboard")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker,
-                                                           **({"GPU": 1} if tc.use_gpu else {})}),
+                                     resources_per_worker=per_worker),
         run_config=RunConfig(name=f"train-{identity}", storage_path=str(storage),
                              # The latest checkpoint is always kept too (Ray never deletes it): resume needs it.
                              checkpoint_config=CheckpointConfig(

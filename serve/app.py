@@ -22,6 +22,8 @@ log = logging.getLogger("retrofit.serve")
 APP_NAME = "retrofit"
 
 api = FastAPI(title="Retrofit embeddings")
+# Over-long inputs: NIM's `truncate` values (NONE: a 413 naming the limit), plus OpenAI-style `true`.
+TRUNCATE = {None: "NONE", False: "NONE", "NONE": "NONE", True: "END", "END": "END", "START": "START"}
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
@@ -48,6 +50,9 @@ class EmbeddingService:
                                              boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
         self.model_name, self.max_inputs, self.max_input_chars = model_name, max_inputs, max_input_chars
         self.api_key = api_key
+        self.max_tokens = int(self.embedder.info["max_seq_length"])
+        # We count tokens of over-long inputs on purpose (to answer 413); transformers' warning about it is noise.
+        logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
         self._embed_batch.set_max_batch_size(max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -86,12 +91,15 @@ class EmbeddingService:
             return _error(400, f"'input' holds an empty string (index {next(i for i, t in enumerate(texts) if not t.strip())})")
         if len(texts) > self.max_inputs:
             return _error(413, f"{len(texts)} inputs exceed the limit of {self.max_inputs} per request")
-        if body.get("truncate") is True:
-            texts = [t[:self.max_input_chars] for t in texts]
+        truncate = TRUNCATE.get(body.get("truncate"))
+        if truncate is None:
+            return _error(400, "'truncate' must be 'NONE', 'END', 'START' (or true, meaning 'END')")
+        if truncate != "NONE":  # the character cap bounds tokenizer work; tokens decide below
+            texts = [t[:self.max_input_chars] if truncate == "END" else t[-self.max_input_chars:] for t in texts]
         too_long = [i for i, t in enumerate(texts) if len(t) > self.max_input_chars]
         if too_long:
             return _error(413, f"input {too_long[0]} has more than {self.max_input_chars} characters "
-                               "(send 'truncate': true to cut it instead)")
+                               "(send 'truncate': 'END' or 'START' to cut it instead)")
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             return _error(400, "'encoding_format' must be 'float' or 'base64'")
@@ -101,7 +109,18 @@ class EmbeddingService:
                 return _error(400, "'input_type' must be 'query' or 'passage'")
             prefix = self.embedder.prompts.get(input_type, "")
             texts = [prefix + t for t in texts]
-        return texts, fmt
+        # The model reads at most max_seq_length tokens: count them, never cut silently.
+        ids = self.embedder.tok(texts, add_special_tokens=False, truncation=False)["input_ids"]
+        room = self.max_tokens - self.embedder.tok.num_special_tokens_to_add()
+        over = [i for i, x in enumerate(ids) if len(x) > room]
+        if over and truncate == "NONE":
+            return _error(413, f"input {over[0]} has {len(ids[over[0]])} tokens; this model reads at most {room} "
+                               "(send 'truncate': 'END' or 'START' to cut it instead)")
+        for i in over:
+            if truncate == "START":  # keep the end of the text (the ONNX tokenizer cuts the end otherwise)
+                texts[i] = self.embedder.tok.decode(ids[i][-room:])
+        n_tokens = sum(min(len(x), room) + self.embedder.tok.num_special_tokens_to_add() for x in ids)
+        return texts, fmt, n_tokens
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request):
@@ -123,14 +142,13 @@ class EmbeddingService:
         checked = self._validate(body)
         if isinstance(checked, JSONResponse):
             return checked
-        texts, fmt = checked
+        texts, fmt, n_tokens = checked
         self.inputs.inc(len(texts))
         emb = await self._embed_batch(texts)
         data = []
         for i, vec in enumerate(emb):
             value = base64.b64encode(vec.astype("<f4").tobytes()).decode() if fmt == "base64" else vec.tolist()
             data.append({"object": "embedding", "index": i, "embedding": value})
-        n_tokens = sum(len(t.split()) for t in texts)  # whitespace tokens: a cheap, stable usage figure
         return {"object": "list", "data": data, "model": self.model_name,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 

@@ -13,9 +13,11 @@ class EndpointError(RuntimeError):
 
 
 def embed(url: str, texts: list[str], model: str | None = None, encoding_format: str = "float",
-          timeout: float = 60.0, token: str | None = None, input_type: str | None = None) -> list[list[float]]:
-    """Embeddings from a /v1/embeddings endpoint; input_type 'query' or 'passage' applies the model's prompt."""
-    body = {"input": texts, "encoding_format": encoding_format}
+          timeout: float = 60.0, token: str | None = None, input_type: str | None = None,
+          truncate: str = "NONE") -> list[list[float]]:
+    """Embeddings from a /v1/embeddings endpoint; input_type 'query' or 'passage' applies the model's prompt;
+    truncate 'END' or 'START' cuts inputs longer than the model reads (the default 'NONE' answers 413)."""
+    body = {"input": texts, "encoding_format": encoding_format, "truncate": truncate}
     if model:
         body["model"] = model
     if input_type:

@@ -42,6 +42,8 @@ def test_every_stage_completed_with_its_artifacts(run_dir):
         assert m["status"] == "completed", stage
         assert m["config_hash"] and m["timings"]["total"] > 0 and m["versions"]["torch"]
     assert manifest(run, "corpus")["counts"]["documents"] == 20
+    sdg_counts = manifest(run, "sdg")["counts"]
+    assert sdg_counts["generated_by"] == {"transformers:smollm2": sdg_counts["shards"]}
 
     chunks = pq.read_table(run / "corpus" / "chunks.parquet")
     qa = pq.read_table(run / "sdg" / "qa.parquet")

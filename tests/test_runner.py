@@ -1,4 +1,5 @@
 """Forcing stages: only the ones named, and never without saying what is deleted."""
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,24 @@ def test_eval_beir_out_must_be_a_file(tmp_path):
 
     proc = _cli("eval", "--beir", str(SCIFACT), "--out", str(tmp_path))
     assert proc.returncode == 2 and "is a folder" in proc.stderr
+
+
+def test_a_stage_that_starts_ray_late_uses_the_runs_settings():
+    """Prep, eval and export switch to Ray Data past a size threshold; the Ray they start must be the
+    run's (here 1 CPU), not a default one sized to the machine. A fresh process: no Ray yet."""
+    code = """
+import ray
+from pipeline.ray_runtime import configure, map_shards
+
+class Echo:
+    def process(self, task):
+        return {"shard_id": task["shard_id"]}
+
+configure(num_cpus=1)
+done = list(map_shards(Echo, [{"shard_id": 0}, {"shard_id": 1}], ctor_kwargs={}, use_ray=True, label="t"))
+print("shards", len(done), "cpus", ray.cluster_resources()["CPU"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "shards 2 cpus 1.0" in out.stdout

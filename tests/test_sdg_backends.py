@@ -157,7 +157,7 @@ def test_unreachable_backend_says_why_and_falls_back_only_when_allowed(tmp_path)
     with pytest.raises(ValueError, match=f"{dead}/models did not answer.*fallback_backend"):
         make_engine(_sdg(backend="openai", openai_base_url=dead), "smollm2")
     engine = make_engine(_sdg(backend="openai", openai_base_url=dead, fallback_backend="transformers"), "smollm2")
-    assert isinstance(engine, TransformersEngine)
+    assert isinstance(engine, TransformersEngine) and engine.origin == "transformers:smollm2"
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -186,3 +186,21 @@ def test_offline_vllm_engine_generates_on_this_cpu():
     assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
     [replies] = json.loads(line[len("REPLIES "):])
     assert len(replies) == 3 and all(isinstance(r, str) for r in replies) and any(r.strip() for r in replies)
+
+
+def test_shards_from_two_generators_stop_the_stage_and_stay_on_disk(tmp_path):
+    """A fallback in one actor (or a resume under another backend) would mix generators silently."""
+    import json
+
+    from pipeline.errors import RetrofitError
+    from pipeline.sdg import shard_origins
+
+    paths = []
+    for i, origin in enumerate(["vllm:smollm2", "vllm:smollm2", "transformers:smollm2"]):
+        (tmp_path / f"shard-{i:05d}.json").write_text(json.dumps({"shard_id": i, "origin": origin}))
+        paths.append(tmp_path / f"shard-{i:05d}.parquet")
+        paths[-1].write_bytes(b"")
+    assert shard_origins(paths[:2]) == {"vllm:smollm2": 2}
+    with pytest.raises(RetrofitError, match=r"mixes query generators.*transformers:smollm2: 1 shard.*shard-00002"):
+        shard_origins(paths)
+    assert all(p.exists() for p in paths)

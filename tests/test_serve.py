@@ -74,6 +74,8 @@ def test_string_input_and_base64(endpoint):
     ({"input": ["a"] * 5}, 413, "limit of 4"),
     ({"input": "y" * 20001}, 413, "20000 characters"),
     ({"input": "x", "model": "not-this-model"}, 404, "'not-this-model' does not exist"),
+    ({"input": "x", "truncate": "MIDDLE"}, 400, "'truncate' must be"),
+    ({"input": "数据" * 3500}, 413, "input 0 has 7000 tokens; this model reads at most 254"),
 ])
 def test_bad_requests_get_clear_errors(endpoint, body, status, words):
     url, _, _ = endpoint
@@ -103,9 +105,24 @@ def test_eval_through_the_endpoint_reproduces_in_process_metrics(endpoint, tmp_p
 
 
 def test_truncate_on_request(endpoint):
-    url, _, _ = endpoint
+    url, export_dir, _ = endpoint
     r = requests.post(f"{url}/v1/embeddings", json={"input": "y" * 20001, "truncate": True})
     assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
+    # Under the character limit but over the model's 256 tokens: cut where the request says, count real tokens.
+    text = "zebra crossings near the station. " * 45 + "the quarterly report covers revenue. " * 45 + "penguins"
+
+    def embed(truncate):
+        r = requests.post(f"{url}/v1/embeddings", json={"input": [text, "hello world"], "truncate": truncate})
+        assert r.status_code == 200, r.text
+        return np.array([d["embedding"] for d in r.json()["data"]]), r.json()["usage"]["prompt_tokens"]
+
+    end, used = embed("END")
+    start, _ = embed("START")
+    assert used == 256 + 4  # [CLS] ... [SEP] at the model's limit, and [CLS] hello world [SEP]
+    onnx_model = OnnxEmbedder(export_dir)
+    assert np.allclose(end[0], onnx_model.encode([text])[0], atol=1e-5)  # the model's own cut: the end
+    tail = onnx_model.encode(["the quarterly report covers revenue. " * 42 + "penguins"])[0]
+    assert float(start[0] @ tail) > 0.99 > float(end[0] @ tail)  # START keeps the end of the text
 
 
 def test_bearer_token_auth(endpoint):
@@ -142,7 +159,7 @@ def test_overload_answers_503_quickly_and_the_server_stays_healthy(endpoint):
                              "serve.max_queued_requests=1"])
     url = app.start(str(export_dir), "tiny", cfg.serve, app_name="tiny", route_prefix="/tiny")
     try:
-        body = {"input": ["a long passage about routers and firmware " * 40] * 16}
+        body = {"input": ["a long passage about routers and firmware " * 40] * 16, "truncate": "END"}
         with ThreadPoolExecutor(max_workers=24) as pool:
             codes = list(pool.map(lambda _: requests.post(f"{url}/v1/embeddings", json=body, timeout=120).status_code,
                                   range(24)))
@@ -172,10 +189,14 @@ def test_input_type_applies_the_model_prompts(endpoint, base_model, tmp_path):
         assert r.status_code == 200, r.text
         return np.array(r.json()["data"][0]["embedding"])
 
-    onnx_model = OnnxEmbedder(tmp_path / "onnx")
-    assert np.allclose(embed(input_type="query"), onnx_model.encode(["query: reset the router"])[0], atol=1e-5)
-    assert np.allclose(embed(input_type="passage"), onnx_model.encode(["passage: reset the router"])[0], atol=1e-5)
-    assert np.allclose(embed(), onnx_model.encode(["reset the router"])[0], atol=1e-5)
+    try:
+        onnx_model = OnnxEmbedder(tmp_path / "onnx")
+        assert np.allclose(embed(input_type="query"), onnx_model.encode(["query: reset the router"])[0], atol=1e-5)
+        assert np.allclose(embed(input_type="passage"), onnx_model.encode(["passage: reset the router"])[0],
+                           atol=1e-5)
+        assert np.allclose(embed(), onnx_model.encode(["reset the router"])[0], atol=1e-5)
+    finally:  # its replica holds a CPU that later tests on this Ray need
+        app.stop("prompted")
 
 
 def test_prometheus_metrics_count_requests_by_status(endpoint):

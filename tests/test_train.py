@@ -43,6 +43,14 @@ def _prep_run(root):
     return run
 
 
+def _parsed(text: str) -> dict | None:
+    """JSON that another process may be writing right now: None until it is whole."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
 def _worker_pids() -> list[int]:
     import psutil
 
@@ -70,11 +78,12 @@ def test_killed_worker_resumes_exactly_with_two_deepspeed_workers(tmp_path, ray_
     worker.start()
 
     def records():
-        return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+        return [r for r in map(_parsed, log.read_text().splitlines()) if r is not None] if log.exists() else []
 
     def registered_step() -> int:  # the newest checkpoint Ray Train has persisted (merged from both workers)
         states = (run.root / "cache" / "ray_train").glob("train-*/checkpoint_*/trainer_state.json")
-        return max((json.loads(p.read_text())["global_step"] for p in states), default=-1)
+        steps = [_parsed(p.read_text()) for p in states]  # a file being copied in reads as partial: skipped
+        return max((s["global_step"] for s in steps if s is not None), default=-1)
 
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -126,3 +135,18 @@ def test_last_epoch_reaches_the_kept_model_without_step_checkpoints(tmp_path, ra
     counts = json.loads((run.root / "train" / "manifest.json").read_text())["counts"]
     assert counts["steps"] == 3 * 3  # 3 epochs x ceil(40 rows / 16)
     assert [s for s, _ in counts["val_ndcg@10"]] == [3, 6, 9]
+
+
+def test_workers_this_ray_can_never_place_are_a_clear_error_not_a_hang(tmp_path, ray_local):
+    """The embedded Ray has 2 CPUs; 2 workers x 4 CPUs would wait forever for a placement."""
+    import pytest
+
+    from pipeline.config import load_config
+    from pipeline.errors import RetrofitError
+    from pipeline.runner import run_stage
+
+    run = _prep_run(tmp_path / "run")
+    cfg = load_config(None, ["corpus.chunk_tokens=32", "corpus.chunk_overlap=8", "train.num_workers=2",
+                             "train.cpus_per_worker=4", "train.max_passage_tokens=32"])
+    with pytest.raises(RetrofitError, match=r"train needs \{'CPU': 8.0\}.*in all"):
+        run_stage("train", cfg, run)
