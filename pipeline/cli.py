@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'prep,train', or 'all' (only when spelled out).")
     p.add_argument("--corpus", metavar="PATH", help="Corpus (folder, .jsonl, .parquet, BEIR folder, saved HF "
                    "dataset, or 'sample'); same as --set corpus.path=PATH.")
+    p.add_argument("--example-queries", metavar="FILE", help="Real user queries, one per line (no labels): up to "
+                   "8 go into the SDG prompt as style examples; same as --set sdg.example_queries=FILE.")
     p.add_argument("--query", default=DEMO_QUERY, help="Query embedded through the endpoint at the end.")
     p.add_argument("--keep-serving", action="store_true", help="Keep the endpoint up until Ctrl-C.")
     p.add_argument("--no-serve", action="store_true", help="Stop after export.")
@@ -117,6 +119,8 @@ def _config(args):
     overrides = list(args.overrides)
     if getattr(args, "corpus", None):
         overrides.append(f"corpus.path={args.corpus}")
+    if getattr(args, "example_queries", None):
+        overrides.append(f"sdg.example_queries={args.example_queries}")
     return load_config(args.config, overrides)
 
 

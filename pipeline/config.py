@@ -66,6 +66,8 @@ class SDGConfig(Section):
                                         description="Queries per chunk of each type (question, claim, keyword, "
                                                     "... as defined in the prompts file).")
     prompts: str | None = Field(None, description="YAML file of query-type prompts (default: pipeline/prompts.yaml).")
+    example_queries: str | None = Field(None, description="A text file of real user queries, one per line (no "
+                                        "labels): up to 8 go into every prompt so the LLM writes in their style.")
     max_new_tokens: int = Field(48, ge=8, le=2048, description="Reply length cap (a query is one line).")
     length_reference_tokens: int | None = Field(None, ge=1, description="Scale queries per chunk with its length: "
                                                 "a chunk of this many tokens gets the full count, shorter ones fewer.")

@@ -29,13 +29,15 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
-# Bump when prompt_messages lays prompts out differently: it is part of the SDG stage's identity.
-PROMPT_LAYOUT = 2
+# Bump when prompt_messages lays prompts out differently, or the reply filters keep other queries: it is
+# part of the SDG stage's identity (3: example queries, replies that repeat themselves dropped).
+PROMPT_LAYOUT = 3
 
 
-def prompt_messages(text: str, spec: dict, n_json: int = 0) -> list[dict]:
+def prompt_messages(text: str, spec: dict, n_json: int = 0, examples: list[str] = ()) -> list[dict]:
     """Chat messages for one chunk: the instruction, one worked example, then the chunk. With n_json,
-    the model is asked for a JSON list of n queries instead of one line."""
+    the model is asked for a JSON list of n queries instead of one line; `examples` (real user queries)
+    show the style to write in."""
     instruction, example_query = spec["instruction"], spec["example_query"]
     if n_json:
         instruction = (f"{instruction.replace('one ', f'{n_json} different ', 1)} Reply with a JSON list of "
@@ -43,9 +45,13 @@ def prompt_messages(text: str, spec: dict, n_json: int = 0) -> list[dict]:
         example_query = json.dumps([example_query])
     # The instruction comes after the text: small models follow the last thing they read (with it first,
     # SmolLM2 answered about the instruction, "The text supports the claim.", for ~40% of SciFact abstracts).
+    style = ""
+    if examples:  # before the instruction, which small models follow best when it comes last
+        style = ("Users of this collection write queries like these (match their style, not their topic):\n"
+                 + "".join(f"- {q}\n" for q in examples) + "\n")
     return [{"role": "user", "content": f"Text: {spec['example_text']}\n\n{instruction}"},
             {"role": "assistant", "content": example_query},
-            {"role": "user", "content": f"Text: {text}\n\n{instruction}"}]
+            {"role": "user", "content": f"Text: {text}\n\n{style}{instruction}"}]
 
 
 def completion_prompt(messages: list[dict]) -> str:

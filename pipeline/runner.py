@@ -33,6 +33,7 @@ def config_hash(name: str, cfg: RetrofitConfig) -> str:
     if name == "sdg":  # the prompts' wording decides what the LLM writes, as much as any setting
         extra["prompts"] = sdg.load_prompts(cfg.sdg.prompts, cfg.sdg.query_types)
         extra["prompt_layout"] = PROMPT_LAYOUT
+        extra["example_queries"] = sdg.load_example_queries(cfg.sdg.example_queries)  # an edited file rewrites
     return cfg.section_hash(*READS[name], extra=extra)
 
 

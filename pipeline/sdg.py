@@ -51,6 +51,35 @@ def load_prompts(path: str | None, wanted: dict[str, int]) -> dict[str, dict]:
     return {t: prompts[t] for t, n in wanted.items() if n}
 
 
+MAX_EXAMPLE_QUERIES = 8  # Promptagator's few-shot budget: enough for the style, short enough for small LLMs
+
+
+def load_example_queries(path: str | None) -> list[str]:
+    """Real queries whose style the LLM should copy (one per line; blank lines and '#' lines skipped)."""
+    if not path:
+        return []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RetrofitError(f"sdg.example_queries: cannot read {path}: {e}") from None
+    queries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not queries:
+        raise RetrofitError(f"sdg.example_queries: {path} holds no query (one per line)")
+    too_long = next((i for i, ln in enumerate(lines, 1) if len(ln.strip()) > 300), None)
+    if too_long:
+        raise RetrofitError(f"sdg.example_queries: {path} line {too_long} is over 300 characters: a query, "
+                            "not a document, belongs on each line")
+    return queries[:MAX_EXAMPLE_QUERIES]
+
+
+def repetitive(query: str) -> bool:
+    """A reply that loops ("What is timedelta? How to calculate timedelta()? How to implement
+    timedelta()? ..."): three or more sentences, or one word of 4+ letters three times or more."""
+    sentences = [x for x in re.split(r"(?<=[.?!])\s+", query.strip()) if x]
+    words = re.findall(r"[a-z][a-z0-9_]{3,}", query.lower())
+    return len(sentences) >= 3 or any(words.count(w) >= 3 for w in set(words))
+
+
 def wrong_shape(query: str, spec: dict) -> bool:
     """Chatter ("Sure, here is...") instead of the asked-for shape: a question needs '?', a claim none,
     a keyword query few words; a reply matching one of the type's reject_patterns talks about the task."""
@@ -152,6 +181,7 @@ class QueryGenerator:
         set_threads(cpus)
         self.sdg, self.seed, self.llm_name = sdg, seed, llm_name
         self.prompts = load_prompts(sdg["prompts"], sdg["query_types"])
+        self.examples = load_example_queries(sdg["example_queries"])
         self.chunks_path, self.shard_dir = chunks_path, Path(shard_dir)
         self.engine = make_engine(sdg, llm_name)
 
@@ -168,8 +198,8 @@ class QueryGenerator:
         successor = {c["chunk_id"]: n for c, n in zip(chunks, chunks[1:]) if n["doc_id"] == c["doc_id"]}
         chunks = chunks[:stop - start]
         rows = []
-        stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "duplicate": 0, "malformed": 0,
-                 "pairs": 0}
+        stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "repetitive": 0, "duplicate": 0,
+                 "malformed": 0, "pairs": 0}
         bs = self.sdg["batch_size"]
         tokens_before = self.engine.output_tokens
         for i in range(0, len(chunks), bs):
@@ -195,7 +225,8 @@ class QueryGenerator:
                     stats["pairs"] += len(items)
                 if not items:
                     continue
-                prompts = [prompt_messages(t, spec, n_json=n if as_json else 0) for _, t, _ in items]
+                prompts = [prompt_messages(t, spec, n_json=n if as_json else 0, examples=self.examples)
+                           for _, t, _ in items]
                 replies_per_chunk = self.engine.generate(prompts, 1 if as_json else n, stop_at_newline=not as_json)
                 for (chunk, _, related), replies in zip(items, replies_per_chunk):
                     if as_json:
@@ -210,6 +241,8 @@ class QueryGenerator:
                             stats["too_long"] += 1
                         elif wrong_shape(q, spec):
                             stats["wrong_shape"] += 1
+                        elif repetitive(q):
+                            stats["repetitive"] += 1
                         elif q.lower() in seen:
                             stats["duplicate"] += 1
                         else:
@@ -293,8 +326,8 @@ def run_stage(cfg, run, rec) -> None:
                            "chunks_per_s": round(fresh_chunks / seconds, 3) if seconds and fresh else None,
                            "queries_per_s": round(fresh_queries / seconds, 3) if seconds and fresh else None,
                            "output_tokens_per_s": round(fresh_tokens / seconds, 1) if seconds and fresh else None}
-    dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "duplicate", "malformed",
-                                             "truncated")}
+    dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "repetitive", "duplicate",
+                                             "malformed", "truncated")}
     print(f"[sdg] {qa.num_rows} queries for {totals.get('chunks', 0)} chunks; dropped/flagged: {dropped}")
     for q in qa.column("query").to_pylist()[:: max(1, qa.num_rows // 3)][:3]:
         print(f"[sdg]   e.g. {q}")

@@ -101,8 +101,8 @@ def test_json_output_through_the_server_never_crashes_and_counts_malformed(vllm_
     gen = QueryGenerator("smollm2", str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "shards"), sdg, seed=1)
     summary = gen.process({"shard_id": 0, "start": 0, "stop": 3})
     assert summary["chunks"] == 3 and "malformed" in summary
-    assert summary["queries"] + summary["malformed"] + summary["wrong_shape"] + summary["too_short"] \
-        + summary["too_long"] + summary["duplicate"] >= 1  # every reply was accounted for
+    accounted = ("queries", "malformed", "wrong_shape", "repetitive", "too_short", "too_long", "duplicate")
+    assert sum(summary[k] for k in accounted) >= 1  # every reply was accounted for
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
@@ -204,3 +204,35 @@ def test_shards_from_two_generators_stop_the_stage_and_stay_on_disk(tmp_path):
     with pytest.raises(RetrofitError, match=r"mixes query generators.*transformers:smollm2: 1 shard.*shard-00002"):
         shard_origins(paths)
     assert all(p.exists() for p in paths)
+
+
+class _Recording(_Flaky):
+    """In front of the real server: keeps every chat request's body."""
+    bodies: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).bodies.append(json.loads(body))
+        self._forward(requests.post(self.target + self.path, data=body, timeout=120,
+                                    headers={"Content-Type": "application/json"}))
+
+
+def test_example_queries_reach_the_llm_before_the_instruction(vllm_server, tmp_path):
+    examples = tmp_path / "examples.txt"
+    examples.write_text("# real user queries\nheap push keeps order?\n\nwhy does join drop my prefix\n")
+    port = free_port()
+    _Recording.target, _Recording.bodies = vllm_server.rsplit("/v1", 1)[0], []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sdg = _sdg(backend="openai", openai_base_url=f"http://127.0.0.1:{port}/v1", openai_concurrency=1,
+                   example_queries=str(examples))
+        gen = QueryGenerator("smollm2", str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "s"), sdg, seed=1)
+        summary = gen.process({"shard_id": 0, "start": 0, "stop": 1})
+    finally:
+        server.shutdown()
+    assert summary["queries"] >= 1 and _Recording.bodies
+    last = _Recording.bodies[0]["messages"][-1]["content"]
+    assert "- heap push keeps order?\n- why does join drop my prefix\n" in last
+    assert last.index("why does join") < last.index("Write one")  # the instruction still comes last
+    assert "heap push" not in _Recording.bodies[0]["messages"][0]["content"]  # the worked example stays as it was

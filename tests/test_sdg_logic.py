@@ -105,3 +105,40 @@ def test_prompt_wording_is_part_of_the_sdg_stage_identity(tmp_path, monkeypatch)
     monkeypatch.setattr(sdg, "DEFAULT_PROMPTS", edited)  # the packaged file, edited in place
     assert config_hash("sdg", cfg) != before["sdg"]
     assert config_hash("prep", cfg) == before["prep"]
+
+
+def test_example_queries_file_is_checked_and_is_part_of_the_sdg_identity(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.runner import config_hash
+    from pipeline.sdg import MAX_EXAMPLE_QUERIES, load_example_queries
+
+    path = tmp_path / "examples.txt"
+    path.write_text("".join(f"query number {i}\n" for i in range(12)))
+    assert load_example_queries(str(path)) == [f"query number {i}" for i in range(MAX_EXAMPLE_QUERIES)]
+    cfg = load_config(None, [f"sdg.example_queries={path}"])
+    before = config_hash("sdg", cfg)
+    assert before != config_hash("sdg", load_config(None, []))
+    path.write_text("another style of query\n")  # same path, new text: SDG must write again
+    assert config_hash("sdg", cfg) != before
+    path.write_text("\n# only a comment\n")
+    with pytest.raises(ValueError, match=f"{path} holds no query"):
+        load_example_queries(str(path))
+    path.write_text("fine query\n" + "x" * 400 + "\n")
+    with pytest.raises(ValueError, match=f"{path} line 2 is over 300 characters"):
+        load_example_queries(str(path))
+    with pytest.raises(ValueError, match="cannot read"):
+        load_example_queries(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("query, loops", [
+    ("What is the difference between timedelta() and timedelta? How to calculate timedelta()? "
+     "How to implement timedelta()?", True),  # kept by `make demo` before this check
+    ("How does heapq.heappush keep the heap invariant?", False),
+    ("Does json.dumps sort keys? Does it escape unicode?", False),
+    ("Aspirin lowers adenoma risk in patients with prior adenomas.", False),
+    ("reset reset reset the router", True),
+])
+def test_a_reply_that_repeats_itself_is_dropped(query, loops):
+    from pipeline.sdg import repetitive
+
+    assert repetitive(query) is loops
