@@ -179,7 +179,8 @@ def quantize_int8(export_dir: str | Path, out_dir: str | Path) -> Path:
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
-    shutil.copytree(export_dir, out_dir, ignore=shutil.ignore_patterns("model.onnx"))
+    # The fp32 TensorRT engine cache stays behind: 'auto' would load an engine built for the fp32 graph.
+    shutil.copytree(export_dir, out_dir, ignore=shutil.ignore_patterns("model.onnx", OPTIMIZED, "trt_cache"))
     quantize_dynamic(export_dir / "model.onnx", out_dir / "model.onnx", per_channel=True,
                      weight_type=QuantType.QInt8)
     optimize_onnx(out_dir / "model.onnx", out_dir / OPTIMIZED)

@@ -7,6 +7,7 @@ and serves them in Prometheus format on each node's metrics export port (`ray.me
 """
 
 
+import asyncio
 import base64
 import hmac
 import logging
@@ -61,7 +62,9 @@ class EmbeddingService:
         # Requests arrive with their input_type's prompt already applied, so one batch can mix them.
         flat = [t for texts in requests for t in texts]
         self.batch_texts.observe(len(flat))
-        emb = self.embedder.encode(flat)
+        # In a worker thread (ONNX Runtime releases the GIL): the event loop keeps answering health checks
+        # and forming the next batch while this one runs.
+        emb = await asyncio.to_thread(self.embedder.encode, flat)
         out, i = [], 0
         for texts in requests:
             out.append(emb[i:i + len(texts)])

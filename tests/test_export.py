@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -84,7 +85,12 @@ def test_parity_gate_catches_a_diverging_model(base_model, exported, tmp_path):
 def test_int8_variant_stays_close_to_fp32(exported, tmp_path):
     from pipeline.export import quantize_int8
 
-    int8 = quantize_int8(exported, tmp_path / "int8")
+    fp32 = tmp_path / "fp32"
+    shutil.copytree(exported, fp32)
+    (fp32 / "trt_cache").mkdir()  # an fp32 TensorRT engine the export stage built on a GPU machine
+    (fp32 / "trt_cache" / "model_fp16.engine").write_bytes(b"fp32 graph's engine")
+    int8 = quantize_int8(fp32, tmp_path / "int8")
+    assert not (int8 / "trt_cache").exists()  # 'auto' would otherwise load the fp32 graph's engine
     assert json.loads((int8 / "export.json").read_text())["quantization"] == "int8-dynamic-per-channel"
     assert (int8 / "model.onnx").stat().st_size < 0.5 * (exported / "model.onnx").stat().st_size
     a, b = OnnxEmbedder(exported).encode(TEXTS), OnnxEmbedder(int8).encode(TEXTS)

@@ -224,3 +224,32 @@ def test_prometheus_metrics_count_requests_by_status(endpoint):
     assert found.get("200", 0) >= 1 and found.get("400", 0) >= 1, found
     assert "ray_retrofit_embedding_latency_seconds_bucket" in text
     assert "ray_retrofit_embedding_batch_texts_bucket" in text
+
+
+def test_health_answers_while_a_long_batch_is_embedding(endpoint):
+    """Inference runs off the replica's event loop: a health check is not queued behind a batch."""
+    import threading
+    import time
+
+    from ray import serve
+
+    from serve import app
+
+    _, export_dir, _ = endpoint
+    port = int(endpoint[0].rsplit(":", 1)[1])
+    cfg = load_config(None, [f"serve.port={port}", "serve.max_inputs=128"])
+    url = app.start(str(export_dir), "busy", cfg.serve, app_name="busy", route_prefix="/busy")
+    try:
+        body = {"input": [f"passage {i} about routers, firmware and the quarterly report " * 30 for i in range(128)],
+                "truncate": "END"}
+        heavy = threading.Thread(target=lambda: requests.post(f"{url}/v1/embeddings", json=body, timeout=300))
+        heavy.start()
+        time.sleep(1.0)  # the batch is now in the model (seconds of work for one CPU thread)
+        started = time.perf_counter()
+        assert requests.get(f"{url}/health", timeout=60).status_code == 200
+        waited = time.perf_counter() - started
+        still_embedding = heavy.is_alive()
+        heavy.join()
+        assert still_embedding and waited < 1.0, (still_embedding, waited)
+    finally:
+        serve.delete("busy")
