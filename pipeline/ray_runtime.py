@@ -16,8 +16,6 @@ from typing import Iterator
 
 log = logging.getLogger("retrofit.ray")
 _started_here = False  # an embedded Ray this process started: no autoscaler will ever add resources
-
-
 _settings: dict = {}  # the run's [ray] section, for stages that start Ray only past a size threshold
 
 

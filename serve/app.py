@@ -51,7 +51,9 @@ class EmbeddingService:
                                              boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
         self.model_name, self.max_inputs, self.max_input_chars = model_name, max_inputs, max_input_chars
         self.api_key = api_key
-        self.max_tokens = int(self.embedder.info["max_seq_length"])
+        # Tokens the model reads besides the special ones ([CLS], [SEP]), fixed per model: counted once.
+        self.special_tokens = self.embedder.tok.num_special_tokens_to_add()
+        self.room = int(self.embedder.info["max_seq_length"]) - self.special_tokens
         # We count tokens of over-long inputs on purpose (to answer 413); transformers' warning about it is noise.
         logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
         self._embed_batch.set_max_batch_size(max_batch_size)
@@ -114,7 +116,7 @@ class EmbeddingService:
             texts = [prefix + t for t in texts]
         # The model reads at most max_seq_length tokens: count them, never cut silently.
         ids = self.embedder.tok(texts, add_special_tokens=False, truncation=False)["input_ids"]
-        room = self.max_tokens - self.embedder.tok.num_special_tokens_to_add()
+        room = self.room
         over = [i for i, x in enumerate(ids) if len(x) > room]
         if over and truncate == "NONE":
             return _error(413, f"input {over[0]} has {len(ids[over[0]])} tokens; this model reads at most {room} "
@@ -122,7 +124,7 @@ class EmbeddingService:
         for i in over:
             if truncate == "START":  # keep the end of the text (the ONNX tokenizer cuts the end otherwise)
                 texts[i] = self.embedder.tok.decode(ids[i][-room:])
-        n_tokens = sum(min(len(x), room) + self.embedder.tok.num_special_tokens_to_add() for x in ids)
+        n_tokens = sum(min(len(x), room) + self.special_tokens for x in ids)
         return texts, fmt, n_tokens
 
     @api.post("/v1/embeddings")
