@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser, out_help: str = "Run directory (created 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrofit", description=(
-        "Adapt an embedding model to your documents: corpus -> sdg -> prep -> train -> eval -> export -> serve."))
+        "Adapt an embedding model to your documents: corpus -> sdg -> prep -> train -> merge -> eval -> export -> serve."))
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     parser.add_argument("--debug", action="store_true", help="Show the full traceback of every error, "
                         "bad input included (normally printed as one line).")
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "dataset, or 'sample'); same as --set corpus.path=PATH.")
     p.add_argument("--example-queries", metavar="FILE", help="Real user queries, one per line (no labels): up to "
                    "8 go into the SDG prompt as style examples; same as --set sdg.example_queries=FILE.")
+    p.add_argument("--dev-queries", metavar="SPEC", help="Human queries with relevant documents (BEIR FOLDER[:SPLIT] "
+                   "or a JSONL of {query, relevant}) that choose how much of the fine-tuning to ship; never the "
+                   "test queries. Same as --set merge.dev_queries=SPEC.")
     p.add_argument("--query", default=DEMO_QUERY, help="Query embedded through the endpoint at the end.")
     p.add_argument("--keep-serving", action="store_true", help="Keep the endpoint up until Ctrl-C.")
     p.add_argument("--no-serve", action="store_true", help="Stop after export.")
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("sdg", "Generate synthetic queries per chunk with the LLM (sdg/qa.parquet)."),
                        ("prep", "Split by document and mine hard negatives (prep/{train,val,test}.parquet)."),
                        ("train", "Contrastive fine-tuning on Ray Train (train/model)."),
+                       ("merge", "The shipped model: fine-tuned and base weights averaged, the weight chosen on "
+                                 "dev queries when given (merge/model)."),
                        ("export", "Export the fine-tuned model to ONNX with a parity check (export/onnx).")]:
         p = sub.add_parser(name, help=text, description=text)
         _common(p)
@@ -121,6 +126,8 @@ def _config(args):
         overrides.append(f"corpus.path={args.corpus}")
     if getattr(args, "example_queries", None):
         overrides.append(f"sdg.example_queries={args.example_queries}")
+    if getattr(args, "dev_queries", None):
+        overrides.append(f"merge.dev_queries={args.dev_queries}")
     return load_config(args.config, overrides)
 
 

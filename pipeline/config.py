@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import RetrofitError
 
@@ -182,6 +182,23 @@ class TrainConfig(Section):
         return self.lr * {"default": 1.0, "half": 0.5, "double": 2.0}[self.lr_preset]
 
 
+class MergeConfig(Section):
+    weight: float = Field(1.0, ge=0.0, le=1.0, description="Shipped model = weight x fine-tuned + (1 - weight) x "
+                          "base, when no dev queries choose it (1: the fine-tuned model as trained).")
+    dev_queries: str | None = Field(None, description="Human queries with their relevant documents, to choose the "
+                                    "weight: a BEIR folder (qrels/dev.tsv), FOLDER:SPLIT (qrels/SPLIT.tsv, never "
+                                    "'test'), or a JSONL file of {\"query\", \"relevant\": [document ids]}.")
+    grid: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="Weights tried on the dev "
+                              "queries (0 is the base: shipped when nothing beats it).")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_in_range(cls, grid):
+        if any(not 0.0 <= a <= 1.0 for a in grid):
+            raise ValueError(f"every weight must be in [0, 1]; got {grid}")
+        return grid
+
+
 class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)
     top_k: int = Field(100, ge=10, description="Documents retrieved per query.")
@@ -245,6 +262,7 @@ class RetrofitConfig(Section):
     sdg: SDGConfig = SDGConfig()
     prep: PrepConfig = PrepConfig()
     train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()

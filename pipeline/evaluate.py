@@ -288,10 +288,12 @@ def print_wins_and_losses(result: EvalResult, base: str, other: str) -> None:
 def run_stage(cfg, run, rec) -> None:
     from pipeline.models import resolve_embedder
 
-    models = {"base": resolve_embedder(cfg.train.base_model), "fine-tuned": str(run.root / "train" / "model")}
+    models = {"base": resolve_embedder(cfg.train.base_model), "fine-tuned": str(run.root / "merge" / "model")}
     result = evaluate_models(run.root / "prep" / "beir_test", models, cfg.eval.top_k,
                              run.root / "cache" / "eval", cfg.eval.batch_size)
-    summary = write_report(result, rec.dir, "Retrieval on the synthetic test split")
+    weight = run.require("merge", "eval").counts["weight"]
+    shipped = "" if weight == 1 else f" ('fine-tuned' is the shipped model: {weight:g} x fine-tuned + {1 - weight:g} x base)"
+    summary = write_report(result, rec.dir, "Retrieval on the synthetic test split" + shipped)
     print(format_table(result.means))
     print(*summary["verdicts"], sep="\n")
     print_wins_and_losses(result, "base", "fine-tuned")

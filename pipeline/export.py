@@ -218,7 +218,7 @@ def run_stage(cfg, run, rec) -> None:
 
     from pipeline.corpus import passage_text
 
-    model_dir = run.root / "train" / "model"
+    model_dir = run.root / "merge" / "model"  # the shipped model
     out_dir = rec.dir / "onnx"
     shutil.rmtree(out_dir, ignore_errors=True)
     export_onnx(model_dir, out_dir, cfg.export.opset)

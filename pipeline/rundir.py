@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.errors import RetrofitError
 
-STAGES = ("corpus", "sdg", "prep", "train", "eval", "export", "serve")
+STAGES = ("corpus", "sdg", "prep", "train", "merge", "eval", "export", "serve")
 VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "ray", "faiss-cpu", "onnxruntime", "pyarrow")
 
 

@@ -11,19 +11,20 @@ import shutil
 import sys
 import time
 
-from pipeline import corpus, evaluate, export, prep, sdg, train
+from pipeline import corpus, evaluate, export, merge, prep, sdg, train
 from pipeline.config import RetrofitConfig, dump_config
 from pipeline.errors import RetrofitError
 from pipeline.llm import PROMPT_LAYOUT
 from pipeline.rundir import RunDir, StageRecorder
 
-BATCH_STAGES = ("corpus", "sdg", "prep", "train", "eval", "export")
-MODULES = {"corpus": corpus, "sdg": sdg, "prep": prep, "train": train, "eval": evaluate, "export": export}
+BATCH_STAGES = ("corpus", "sdg", "prep", "train", "merge", "eval", "export")
+MODULES = {"corpus": corpus, "sdg": sdg, "prep": prep, "train": train, "merge": merge, "eval": evaluate,
+           "export": export}
 # Which config sections each stage reads, and which stages' outputs it consumes.
 READS = {"corpus": ("corpus",), "sdg": ("sdg",), "prep": ("prep",), "train": ("train",),
-         "eval": ("eval",), "export": ("export", "eval")}
+         "merge": ("merge", "eval"), "eval": ("eval",), "export": ("export", "eval")}
 CONSUMES = {"corpus": (), "sdg": ("corpus",), "prep": ("corpus", "sdg"), "train": ("prep",),
-            "eval": ("prep", "train"), "export": ("corpus", "sdg", "prep", "train")}
+            "merge": ("corpus", "train"), "eval": ("prep", "merge"), "export": ("corpus", "sdg", "prep", "merge")}
 NEEDS_RAY = {"sdg", "train"}
 
 
@@ -34,6 +35,9 @@ def config_hash(name: str, cfg: RetrofitConfig) -> str:
         extra["prompts"] = sdg.load_prompts(cfg.sdg.prompts, cfg.sdg.query_types)
         extra["prompt_layout"] = PROMPT_LAYOUT
         extra["example_queries"] = sdg.load_example_queries(cfg.sdg.example_queries)  # an edited file rewrites
+    if name == "merge" and cfg.merge.dev_queries:  # edited dev queries may choose another weight
+        dev = merge.load_dev_queries(cfg.merge.dev_queries)
+        extra["dev_queries"] = [dev.queries, dev.qrels]
     return cfg.section_hash(*READS[name], extra=extra)
 
 

@@ -96,7 +96,7 @@ def test_submitted_run_succeeds_and_sdg_actors_ran_on_both_nodes(two_node_cluste
     status = subprocess.run([sys.executable, "-m", "pipeline.cli", "job", "status", job_id, "--address", address],
                             capture_output=True, text=True, timeout=120, env=env)
     assert json.loads(status.stdout)["status"] == "SUCCEEDED" and json.loads(status.stdout)["run_dir"] == str(run)
-    for stage in ("corpus", "sdg", "prep", "train", "eval", "export"):
+    for stage in ("corpus", "sdg", "prep", "train", "merge", "eval", "export"):
         assert json.loads((run / stage / "manifest.json").read_text())["status"] == "completed", stage
     sdg = json.loads((run / "sdg" / "manifest.json").read_text())["counts"]
     assert len(sdg["ray_nodes"]) == 2, sdg  # one SDG actor per node, each wrote shards

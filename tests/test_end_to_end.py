@@ -37,7 +37,7 @@ def manifest(run, stage):
 
 def test_every_stage_completed_with_its_artifacts(run_dir):
     run, output, _ = run_dir
-    for stage in ("corpus", "sdg", "prep", "train", "eval", "export"):
+    for stage in ("corpus", "sdg", "prep", "train", "merge", "eval", "export"):
         m = manifest(run, stage)
         assert m["status"] == "completed", stage
         assert m["config_hash"] and m["timings"]["total"] > 0 and m["versions"]["torch"]
@@ -100,9 +100,9 @@ def test_every_stage_completed_with_its_artifacts(run_dir):
 
 def test_rerun_skips_every_up_to_date_stage(run_dir):
     run, _, overrides = run_dir
-    before = {s: manifest(run, s)["finished_at"] for s in ("corpus", "sdg", "prep", "train", "eval", "export")}
+    before = {s: manifest(run, s)["finished_at"] for s in ("corpus", "sdg", "prep", "train", "merge", "eval", "export")}
     output = retrofit("run", "--corpus", "sample", "--out", str(run), "--no-serve", *overrides)
-    assert output.count("up to date, skipped") == 6
+    assert output.count("up to date, skipped") == len(before)
     assert before == {s: manifest(run, s)["finished_at"] for s in before}
 
 
