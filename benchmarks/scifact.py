@@ -7,6 +7,13 @@ on SciFact's 300 human test queries (full corpus, qrels/test.tsv) and on the run
     .venv/bin/python benchmarks/scifact.py --docs 500          # a subset (~1 h on 2 CPU cores)
     .venv/bin/python benchmarks/scifact.py --docs 0            # the whole corpus
     .venv/bin/python benchmarks/scifact.py --docs 0 --vllm-serve  # SDG through `vllm serve` (make vllm-venv)
+    .venv/bin/python benchmarks/scifact.py --docs 0 --vllm-serve --setting few-shot
+
+Settings (issue 18): `zero-label` (the default) sees the corpus only; `few-shot` also gives the LLM 8
+SciFact *train* claims (seeded sample, no labels) as style examples (`sdg.example_queries`); `dev` is
+few-shot plus the 809 train claims with their labels as dev queries, which choose the merge weight
+(`merge.dev_queries`). The 300 test claims are never seen before the final score. Each setting has its
+own run folder: the examples are part of SDG's identity.
 
 Prints a table whose last line is the headline (NDCG@10 on human queries) and writes
 benchmarks/results/scifact[-N].json.
@@ -37,6 +44,23 @@ from pipeline.rundir import RunDir  # noqa: E402
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 TABLE_METRICS = ("ndcg@1", "ndcg@10", "recall@10", "recall@100", "map@10")
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+SETTINGS = ("zero-label", "few-shot", "dev")
+
+
+def write_example_queries(data: Path, out: Path, n: int = 8, seed: int = 0) -> Path:
+    """n SciFact train claims, a seeded sample, one per line: what a user would paste from their logs."""
+    import random
+
+    train_ids = sorted({line.split("\t")[0] for line in (data / "qrels" / "train.tsv").read_text().splitlines()[1:]})
+    texts = {}
+    with open(data / "queries.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts[row["_id"]] = row["text"]
+    picked = random.Random(seed).sample(train_ids, n)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(texts[q] + "\n" for q in picked), encoding="utf-8")
+    return out
 
 
 @contextlib.contextmanager
@@ -91,6 +115,9 @@ def main() -> int:
                     "variants on the same documents, so unchanged stages (SDG above all) are reused.")
     ap.add_argument("--vllm-serve", action="store_true", help="Write the queries through a local `vllm serve` of "
                     "the LLM (sdg.backend=openai), started from .venv-vllm and stopped after SDG.")
+    ap.add_argument("--setting", choices=SETTINGS, default="zero-label", help="What the pipeline may see besides "
+                    "the corpus: nothing (zero-label), 8 train claims as SDG style examples (few-shot), or those plus the "
+                    "labelled train claims as dev queries for the merge weight (dev).")
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=3, help="KV cache of that server (GiB of RAM).")
     args = ap.parse_args()
 
@@ -100,9 +127,16 @@ def main() -> int:
                  "sdg.query_types.claim=2", "train.cpus_per_worker=2", *args.overrides]
     if args.docs:
         overrides.append(f"corpus.max_docs={args.docs}")
-    cfg = load_config(args.config, overrides)
     tag = f"scifact-{args.docs}" if args.docs else "scifact"
+    if args.setting != "zero-label":
+        tag += f"-{args.setting}"
     run = RunDir(Path(args.work) / tag)
+    if args.setting in ("few-shot", "dev"):
+        examples = write_example_queries(Path(args.data), run.root / "example-queries.txt")
+        overrides.append(f"sdg.example_queries={examples}")
+    if args.setting == "dev":
+        overrides.append(f"merge.dev_queries={args.data}:train")
+    cfg = load_config(args.config, overrides)
 
     t0 = time.perf_counter()
     if args.vllm_serve:
@@ -114,7 +148,10 @@ def main() -> int:
     runner.run_all(cfg, run)  # the SDG stage is up to date by now: the server's address is not in its identity
     pipeline_s = time.perf_counter() - t0
 
-    models = {"base": resolve_embedder(cfg.train.base_model), "fine-tuned": str(run.root / "train" / "model")}
+    models = {"base": resolve_embedder(cfg.train.base_model), "fine-tuned": str(run.root / "merge" / "model")}
+    merged = run.read_manifest("merge").counts
+    if merged["weight"] != 1:  # the model as trained too, to see what merging changed on human queries
+        models["fine-tuned, unmerged"] = str(run.root / "train" / "model")
     result = evaluate_models(args.data, models, 100, run.root / "cache" / "scifact_eval", cfg.eval.batch_size)
     human = result.means
     report_dir = run.root / "scifact_human_eval"
@@ -133,11 +170,11 @@ def main() -> int:
     stages = {s: (run.read_manifest(s).timings if run.read_manifest(s) else None) for s in runner.BATCH_STAGES}
     counts = {s: (run.read_manifest(s).counts if run.read_manifest(s) else None) for s in runner.BATCH_STAGES}
     path = write_result(args.name or tag, {
-        "docs": args.docs or 5183, "config": cfg.model_dump(mode="json"), "pipeline_seconds": round(pipeline_s, 1),
+        "docs": args.docs or 5183, "setting": args.setting, "config": cfg.model_dump(mode="json"), "pipeline_seconds": round(pipeline_s, 1),
         "stage_timings": stages, "stage_counts": counts,
         "human": {**human, "delta": {m: round(human["fine-tuned"][m] - human["base"][m], 5) for m in human["base"]},
                   "significance": significance},
-        "synthetic": synthetic})
+        "synthetic": synthetic, "merge": merged})
     print(f"wrote {path}")
     return 0
 

@@ -30,8 +30,9 @@ class BackendUnavailable(RuntimeError):
 
 
 # Bump when prompt_messages lays prompts out differently, or the reply filters keep other queries: it is
-# part of the SDG stage's identity (3: example queries, replies that repeat themselves dropped).
-PROMPT_LAYOUT = 3
+# part of the SDG stage's identity (3: example queries, replies that repeat themselves dropped;
+# 4: replies that copy an example, or borrow its topic words, dropped).
+PROMPT_LAYOUT = 4
 
 
 def prompt_messages(text: str, spec: dict, n_json: int = 0, examples: list[str] = ()) -> list[dict]:

@@ -80,6 +80,40 @@ def repetitive(query: str) -> bool:
     return len(sentences) >= 3 or any(words.count(w) >= 3 for w in set(words))
 
 
+def copies_example(query: str, examples: list[str]) -> bool:
+    """A reply that echoes one of the prompt's examples (the worked one or the user's) instead of
+    describing its own chunk: most of its words (Jaccard >= 0.6) are one example's words."""
+    words = set(re.findall(r"\w+", query.lower()))
+    for example in examples:
+        other = set(re.findall(r"\w+", example.lower()))
+        if words and other and len(words & other) / len(words | other) >= 0.6:
+            return True
+    return False
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z][a-z0-9-]{3,}", text.lower()))
+
+
+def rare_example_words(examples: list[str], chunk_texts: list[str], max_share: float = 0.02) -> set[str]:
+    """The user's example queries' topic words: those in under `max_share` of the chunks."""
+    vocab = _words(" ".join(examples))
+    if not vocab or not chunk_texts:
+        return vocab
+    counts = dict.fromkeys(vocab, 0)
+    for text in chunk_texts:
+        for w in vocab & _words(text):
+            counts[w] += 1
+    return {w for w, n in counts.items() if n < max_share * len(chunk_texts)}
+
+
+def leaks_example(query: str, chunk_text: str, rare_words: set[str]) -> bool:
+    """A reply that borrows the examples' topic (a small model given "Drosophila ... wing discs" as an
+    example wrote Drosophila into a third of its claims about other abstracts): it uses a rare word
+    of the examples that its own chunk does not contain."""
+    return bool(_words(query) & rare_words - _words(chunk_text))
+
+
 def wrong_shape(query: str, spec: dict) -> bool:
     """Chatter ("Sure, here is...") instead of the asked-for shape: a question needs '?', a claim none,
     a keyword query few words; a reply matching one of the type's reject_patterns talks about the task."""
@@ -183,6 +217,13 @@ class QueryGenerator:
         self.prompts = load_prompts(sdg["prompts"], sdg["query_types"])
         self.examples = load_example_queries(sdg["example_queries"])
         self.chunks_path, self.shard_dir = chunks_path, Path(shard_dir)
+        self.rare_example_words = set()
+        if self.examples:  # word frequencies from up to 20K chunks spread over the corpus
+            table = pq.read_table(chunks_path, columns=["title", "text"], memory_map=True)
+            step = max(1, table.num_rows // 20_000)
+            texts = [f"{t} {x}" for t, x in zip(table.column("title").to_pylist()[::step],
+                                                table.column("text").to_pylist()[::step])]
+            self.rare_example_words = rare_example_words(self.examples, texts)
         self.engine = make_engine(sdg, llm_name)
 
     def process(self, task: dict) -> dict:
@@ -198,8 +239,8 @@ class QueryGenerator:
         successor = {c["chunk_id"]: n for c, n in zip(chunks, chunks[1:]) if n["doc_id"] == c["doc_id"]}
         chunks = chunks[:stop - start]
         rows = []
-        stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "repetitive": 0, "duplicate": 0,
-                 "malformed": 0, "pairs": 0}
+        stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "repetitive": 0,
+                 "copied_example": 0, "leaked_example": 0, "duplicate": 0, "malformed": 0, "pairs": 0}
         bs = self.sdg["batch_size"]
         tokens_before = self.engine.output_tokens
         for i in range(0, len(chunks), bs):
@@ -228,7 +269,7 @@ class QueryGenerator:
                 prompts = [prompt_messages(t, spec, n_json=n if as_json else 0, examples=self.examples)
                            for _, t, _ in items]
                 replies_per_chunk = self.engine.generate(prompts, 1 if as_json else n, stop_at_newline=not as_json)
-                for (chunk, _, related), replies in zip(items, replies_per_chunk):
+                for (chunk, text, related), replies in zip(items, replies_per_chunk):
                     if as_json:
                         replies, malformed = parse_json_queries(replies[0])
                         stats["malformed"] += malformed
@@ -243,6 +284,10 @@ class QueryGenerator:
                             stats["wrong_shape"] += 1
                         elif repetitive(q):
                             stats["repetitive"] += 1
+                        elif copies_example(q, [spec["example_query"], *self.examples]):
+                            stats["copied_example"] += 1
+                        elif leaks_example(q, text, self.rare_example_words):
+                            stats["leaked_example"] += 1
                         elif q.lower() in seen:
                             stats["duplicate"] += 1
                         else:

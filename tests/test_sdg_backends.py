@@ -101,7 +101,8 @@ def test_json_output_through_the_server_never_crashes_and_counts_malformed(vllm_
     gen = QueryGenerator("smollm2", str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "shards"), sdg, seed=1)
     summary = gen.process({"shard_id": 0, "start": 0, "stop": 3})
     assert summary["chunks"] == 3 and "malformed" in summary
-    accounted = ("queries", "malformed", "wrong_shape", "repetitive", "too_short", "too_long", "duplicate")
+    accounted = ("queries", "malformed", "wrong_shape", "repetitive", "copied_example", "leaked_example", "too_short",
+                 "too_long", "duplicate")
     assert sum(summary[k] for k in accounted) >= 1  # every reply was accounted for
 
 

@@ -142,3 +142,33 @@ def test_a_reply_that_repeats_itself_is_dropped(query, loops):
     from pipeline.sdg import repetitive
 
     assert repetitive(query) is loops
+
+
+@pytest.mark.parametrize("query, copied", [
+    ("Loss of Nrf2 worsens bleomycin-induced lung fibrosis in mice.", True),  # the prompt's worked example
+    ("Loss of Nrf2 worsens bleomycin induced fibrosis in the lung of mice", True),  # reworded a little
+    ("BLM gene encodes RecQ-class DNA helicase.", True),  # a user's example, verbatim
+    ("Nrf2 knockout has no effect on cisplatin nephrotoxicity in rats.", False),  # same topic, its own claim
+    ("WRN encodes a RecQ helicase mutated in Werner syndrome.", False),
+])
+def test_a_reply_that_copies_an_example_is_dropped(query, copied):
+    from pipeline.sdg import copies_example
+
+    examples = ["Loss of Nrf2 worsens bleomycin-induced lung fibrosis in mice.", "BLM gene encodes RecQ-class DNA helicase."]
+    assert copies_example(query, examples) is copied
+
+
+def test_a_reply_that_borrows_the_examples_topic_is_dropped():
+    """SmolLM2 given SciFact claims as examples wrote their topics into other abstracts' claims."""
+    from pipeline.sdg import leaks_example, rare_example_words
+
+    examples = ["Drosophila supracellular actomyosin structures are found at boundaries in wing imaginal discs.",
+                "Rising temperatures lower the risk of dengue fever transmission."]
+    chunks = ([f"Patients with chronic kidney disease were studied; risk factors and structures {i}." for i in range(60)]
+              + ["Dengue fever transmission by Aedes mosquitoes rises with temperatures."])
+    rare = rare_example_words(examples, chunks, max_share=0.05)
+    assert {"drosophila", "dengue", "actomyosin"} <= rare and not {"risk", "structures"} & rare  # common words stay
+    kidney = chunks[0]
+    assert leaks_example("Drosophila actomyosin regulates kidney disease risk.", kidney, rare)
+    assert not leaks_example("Chronic kidney disease raises the risk of cardiac structures failing.", kidney, rare)
+    assert not leaks_example("Higher temperatures raise dengue fever transmission.", chunks[-1], rare)  # its own words
