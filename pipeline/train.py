@@ -18,6 +18,7 @@ import json
 import random
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -340,9 +341,6 @@ class Worker:
         self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/lr", self.engine.lr, step)
         self.writer.add_scalar("train/examples_per_s", record["examples_per_s"], step)
-        if step % 10 == 0:
-            print(f"[train] step {step}/{self.total} loss {loss:.4f} {record['examples_per_s']:.1f} examples/s",
-                  flush=True)
 
     def run(self) -> None:
         per_epoch, every = self.sampler.steps_per_epoch, self.tc["checkpoint_every_steps"]
@@ -385,6 +383,50 @@ def train_loop(config: dict) -> None:
         worker.close()
 
 
+@contextlib.contextmanager
+def follow_progress(log_path: Path, epochs: int, every_s: float = 2.0, every_steps: int = 10):
+    """Print the workers' progress on the driver's console, read from the training log they write (their
+    own output stays in Ray's log files): a step line every `every_steps` steps, and each val score."""
+    stop = threading.Event()
+    # From the log's end: a resumed stage's earlier lines were shown by the run that wrote them.
+    state = {"offset": log_path.stat().st_size if log_path.exists() else 0, "total": None, "first": 0,
+             "t0": time.perf_counter()}
+
+    def show(r: dict) -> None:
+        if r.get("event") == "start":  # also after a restart: the rate counts from where it resumed
+            state.update(total=r["steps_per_epoch"] * epochs, first=r["global_step"], t0=time.perf_counter())
+        elif r.get("event") == "val":
+            print(f"[train] val NDCG@10 {r['ndcg@10']:.4f} at step {r['global_step']}", flush=True)
+        elif "loss" in r and (r["step"] + 1) % every_steps == 0:
+            done, total = r["step"] + 1, state["total"]
+            rate = (done - state["first"]) / max(time.perf_counter() - state["t0"], 1e-9)
+            eta = f" | ETA {(total - done) / rate:.0f}s" if total and rate > 0 else ""
+            print(f"[train] step {done}/{total or '?'} loss {r['loss']:.4f} | {r['examples_per_s']:.1f} examples/s"
+                  f"{eta}", flush=True)
+
+    def follow() -> None:
+        while True:
+            stopped = stop.wait(every_s)
+            if log_path.exists():
+                with open(log_path) as f:
+                    f.seek(state["offset"])
+                    for line in iter(f.readline, ""):
+                        if not line.endswith("\n"):  # half-written: read it whole next time
+                            break
+                        state["offset"] = f.tell()
+                        show(json.loads(line))
+            if stopped:
+                return
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def run_stage(cfg, run, rec) -> None:
     import pyarrow.parquet as pq
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -425,7 +467,8 @@ def run_stage(cfg, run, rec) -> None:
                                  checkpoint_score_order="max"),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
-    result = trainer.fit()
+    with follow_progress(log_path, tc.epochs):
+        result = trainer.fit()
     chosen = result.checkpoint
     if has_val and tc.keep == "best":
         chosen = result.get_best_checkpoint(metric="val_ndcg@10", mode="max") or chosen

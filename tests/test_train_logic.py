@@ -1,6 +1,7 @@
 """Contrastive training logic without Ray: sampler, loss masking, all-gather, GradCache, schedule, engine state."""
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +250,53 @@ def test_plain_engine_resumes_with_its_optimiser_moments(tmp_path):
         step(engine2, resumed, x)
     for k, v in model.state_dict().items():
         assert torch.allclose(v, resumed.state_dict()[k], atol=1e-7), k
+
+
+def test_training_progress_reaches_the_console_from_the_workers_log(tmp_path, capsys):
+    """Workers' output stays in Ray's logs; the driver shows their progress from the log they write,
+    including a line still being written when it looks."""
+    import json
+    import time
+
+    from pipeline.train import follow_progress
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"epoch": 0, "step": 3, "loss": 9.0}) + "\n")  # an earlier attempt's line
+    with follow_progress(log, epochs=2, every_s=0.05, every_steps=10):
+        with open(log, "a") as f:
+            f.write(json.dumps({"event": "start", "global_step": 0, "steps_per_epoch": 20}) + "\n")
+            for step in range(19):
+                f.write(json.dumps({"epoch": 0, "step": step, "loss": 1.0 / (step + 1), "examples_per_s": 4.0}) + "\n")
+            f.write('{"epoch": 0, "step": 19, "loss": 0.05, "exa')
+            f.flush()
+            time.sleep(0.3)
+            f.write('mples_per_s": 4.0}\n' + json.dumps({"event": "val", "global_step": 20, "ndcg@10": 0.5}) + "\n")
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split(" |")[0] for ln in out] == ["[train] step 10/40 loss 0.1000", "[train] step 20/40 loss 0.0500",
+                                                "[train] val NDCG@10 0.5000 at step 20"]
+    assert "ETA" in out[0]
+
+
+def test_ray_workers_output_stays_out_of_the_console(tmp_path):
+    import subprocess
+    import sys
+
+    code = """
+import ray
+from pipeline.ray_runtime import ensure_ray
+ensure_ray(num_cpus=1)
+
+@ray.remote
+def chatter():
+    print("PlacementGroupCleaner: Failed to query ... Continuing to monitor")
+    return 1
+
+assert ray.get(chatter.remote()) == 1
+import time; time.sleep(2)  # worker output reaches the driver asynchronously
+print("DONE")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "DONE" in out.stdout and "PlacementGroupCleaner" not in out.stdout + out.stderr
+    logs = out.stderr.split("[ray] worker logs: ", 1)[1].split()[0]
+    assert any("PlacementGroupCleaner" in p.read_text(errors="replace") for p in Path(logs).glob("worker-*.out"))
