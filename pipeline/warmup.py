@@ -18,13 +18,11 @@ def main() -> None:
 
     if torch.cuda.is_available():  # GPU training communicates over NCCL: no op to build
         return
-    from deepspeed.ops.op_builder import ShareMemCommBuilder
+    from deepspeed.comm.torch import build_shm_op
 
     t0 = time.perf_counter()
-    builder = ShareMemCommBuilder()
-    if builder.is_compatible():
-        builder.load()
-        print(f"[warmup] DeepSpeed {builder.name} op ready ({time.perf_counter() - t0:.0f}s)", flush=True)
+    build_shm_op()  # exactly what DeepSpeed's CPU backend calls at init: same builder, flags and cache
+    print(f"[warmup] DeepSpeed's CPU shared-memory op ready ({time.perf_counter() - t0:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":
