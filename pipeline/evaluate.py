@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,22 +28,28 @@ class BeirFormatError(RetrofitError):
     pass
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    if not path.exists():
-        raise BeirFormatError(f"{path}: missing (a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/test.tsv)")
-    rows = []
+def json_lines(path: Path, invalid) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line; `invalid(lineno, message)` makes the
+    exception raised for a line that is not JSON, so each caller names the file its own way."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise BeirFormatError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise BeirFormatError(f"{path}:{lineno}: missing field(s) {missing}")
-            rows.append(row)
+                raise invalid(lineno, e.msg) from None
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    if not path.exists():
+        raise BeirFormatError(f"{path}: missing (a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    rows = []
+    for lineno, row in json_lines(path, lambda n, msg: BeirFormatError(f"{path}:{n}: invalid JSON ({msg})")):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise BeirFormatError(f"{path}:{lineno}: missing field(s) {missing}")
+        rows.append(row)
     if not rows:
         raise BeirFormatError(f"{path}: empty")
     return rows

@@ -10,7 +10,6 @@ run's own chunks (a document ranks by its best chunk) and are never the test que
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -39,24 +38,20 @@ def load_dev_queries(spec: str) -> DevQueries:
     if not path.is_file():
         raise RetrofitError(f"merge.dev_queries: {spec} is neither a BEIR folder (optionally FOLDER:SPLIT) nor a "
                             "JSONL file")
+    from pipeline.evaluate import json_lines
+
     queries, qrels = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RetrofitError(f"merge.dev_queries: {path} line {lineno} is not JSON: {e.msg}") from None
-            relevant = row.get("relevant") if isinstance(row, dict) else None
-            if isinstance(relevant, list):
-                relevant = {str(d): 1 for d in relevant}
-            if not (isinstance(row, dict) and isinstance(row.get("query"), str) and row["query"].strip()
-                    and isinstance(relevant, dict) and relevant):
-                raise RetrofitError(f"merge.dev_queries: {path} line {lineno} needs a non-empty \"query\" string and "
-                                    "\"relevant\": a list of document ids (or {id: grade})")
-            qid = str(row.get("_id", lineno))
-            queries[qid], qrels[qid] = row["query"], {str(d): int(g) for d, g in relevant.items()}
+    bad_json = lambda n, msg: RetrofitError(f"merge.dev_queries: {path} line {n} is not JSON: {msg}")  # noqa: E731
+    for lineno, row in json_lines(path, bad_json):
+        relevant = row.get("relevant") if isinstance(row, dict) else None
+        if isinstance(relevant, list):
+            relevant = {str(d): 1 for d in relevant}
+        if not (isinstance(row, dict) and isinstance(row.get("query"), str) and row["query"].strip()
+                and isinstance(relevant, dict) and relevant):
+            raise RetrofitError(f"merge.dev_queries: {path} line {lineno} needs a non-empty \"query\" string and "
+                                "\"relevant\": a list of document ids (or {id: grade})")
+        qid = str(row.get("_id", lineno))
+        queries[qid], qrels[qid] = row["query"], {str(d): int(g) for d, g in relevant.items()}
     if not queries:
         raise RetrofitError(f"merge.dev_queries: {path} holds no query")
     return DevQueries(spec, queries, qrels)
@@ -80,24 +75,37 @@ def _beir_split(folder: Path, split: str, spec: str) -> DevQueries:
     return DevQueries(spec, {q: texts[q] for q in qrels}, qrels)
 
 
+class Merger:
+    """The base and fine-tuned weights, loaded once; save(a, folder) writes a * tuned + (1 - a) * base
+    (every floating-point tensor) as a model folder that keeps the tuned model's own files (tokenizer,
+    prompts, max length)."""
+
+    def __init__(self, base_path: str, tuned_path: str):
+        from pipeline.encode import load_model
+
+        self.model = load_model(tuned_path, device="cpu")
+        self.tuned = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.base = load_model(base_path, device="cpu").state_dict()
+        if self.tuned.keys() != self.base.keys() or any(self.tuned[k].shape != self.base[k].shape for k in self.tuned):
+            raise RetrofitError(f"cannot merge {tuned_path} with {base_path}: their weights differ in names or shapes "
+                                "(was the fine-tuned model trained from another base?)")
+
+    def save(self, a: float, out_dir: Path) -> None:
+        self.model.load_state_dict({k: a * v + (1 - a) * self.base[k] if v.is_floating_point() else v
+                                    for k, v in self.tuned.items()})
+        shutil.rmtree(out_dir, ignore_errors=True)
+        self.model.save(str(out_dir), safe_serialization=True)
+
+
 def merge_weights(base_path: str, tuned_path: str, a: float, out_dir: Path) -> None:
-    """Save a * tuned + (1 - a) * base (every floating-point tensor) as a model folder; the tuned
-    model's own files (tokenizer, prompts, max length) travel with it."""
-    from pipeline.encode import load_model
-
-    tuned, base = load_model(tuned_path, device="cpu"), load_model(base_path, device="cpu")
-    ours, theirs = tuned.state_dict(), base.state_dict()
-    if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
-        raise RetrofitError(f"cannot merge {tuned_path} with {base_path}: their weights differ in names or shapes "
-                            "(was the fine-tuned model trained from another base?)")
-    tuned.load_state_dict({k: a * v + (1 - a) * theirs[k] if v.is_floating_point() else v for k, v in ours.items()})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tuned.save(str(out_dir), safe_serialization=True)
+    """One mix, saved: Merger(base, tuned).save(a, out_dir)."""
+    Merger(base_path, tuned_path).save(a, out_dir)
 
 
-def dev_metrics(model_path: str, chunks_path: Path, dev: DevQueries, top_k: int, cache: Path,
-                batch_size: int) -> dict[str, float]:
-    """BEIR metrics of one model on the dev queries over the run's chunks (a document scores its best chunk)."""
+def dev_metrics(model_path: str, chunks_path: Path, doc_of_chunk: list[str], dev: DevQueries, top_k: int,
+                cache: Path, batch_size: int) -> dict[str, float]:
+    """BEIR metrics of one model on the dev queries over the run's chunks (a document scores its best chunk;
+    `doc_of_chunk` holds each chunk's document id, in row order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -105,7 +113,6 @@ def dev_metrics(model_path: str, chunks_path: Path, dev: DevQueries, top_k: int,
     from pipeline.evaluate import compute_metrics
     from pipeline.prep import build_index, search
 
-    doc_of_chunk = pq.read_table(chunks_path, columns=["doc_id"]).column("doc_id").to_pylist()
     qids = sorted(dev.qrels)
     cache.mkdir(parents=True, exist_ok=True)
     # A folder of this call's own (the cache may be shared); the embeddings are cached by content.
@@ -124,7 +131,7 @@ def dev_metrics(model_path: str, chunks_path: Path, dev: DevQueries, top_k: int,
         best: dict[str, float] = {}
         for j, s in zip(idx[qi], scores[qi]):
             if j >= 0:
-                doc = str(doc_of_chunk[j])
+                doc = doc_of_chunk[j]
                 best[doc] = max(best.get(doc, -1.0), float(s))
         run[q] = dict(sorted(best.items(), key=lambda kv: -kv[1])[:top_k])
     return compute_metrics(dev.qrels, run)[0]
@@ -151,13 +158,14 @@ def run_stage(cfg, run, rec) -> None:
     from pipeline.models import resolve_embedder
 
     base, tuned = resolve_embedder(cfg.train.base_model), str(run.root / "train" / "model")
+    merger = Merger(base, tuned)
     mc = cfg.merge
     model_dir = rec.output("model")
     counts: dict = {"weight": mc.weight, "chosen_by": "merge.weight (no dev queries given)"}
     if mc.dev_queries:
         chunks_path = run.root / "corpus" / "chunks.parquet"
-        doc_ids = {str(d) for d in pq.read_table(chunks_path, columns=["doc_id"]).column("doc_id").to_pylist()}
-        dev = in_corpus(load_dev_queries(mc.dev_queries), doc_ids)
+        doc_of_chunk = [str(d) for d in pq.read_table(chunks_path, columns=["doc_id"]).column("doc_id").to_pylist()]
+        dev = in_corpus(load_dev_queries(mc.dev_queries), set(doc_of_chunk))
         print(f"[merge] choosing the weight on {len(dev.qrels)} dev queries from {dev.source}"
               + (f" ({dev.dropped} dropped: their documents are not in this corpus)" if dev.dropped else ""), flush=True)
         curve = {}
@@ -165,8 +173,8 @@ def run_stage(cfg, run, rec) -> None:
         for a in sorted(set(mc.grid)):
             path = base if a == 0 else tuned if a == 1 else str(candidates / f"a{a:g}")
             if 0 < a < 1:
-                merge_weights(base, tuned, a, Path(path))
-            curve[a] = dev_metrics(path, chunks_path, dev, cfg.eval.top_k, run.root / "cache" / "eval",
+                merger.save(a, Path(path))
+            curve[a] = dev_metrics(path, chunks_path, doc_of_chunk, dev, cfg.eval.top_k, run.root / "cache" / "eval",
                                    cfg.eval.batch_size)
             print(f"[merge] a={a:g}: dev NDCG@10 {curve[a]['ndcg@10']:.4f}", flush=True)
         weight = choose_weight(curve)
@@ -176,7 +184,7 @@ def run_stage(cfg, run, rec) -> None:
                   "curve": {f"{a:g}": {m: curve[a][m] for m in ("ndcg@10", "recall@10", "recall@100")} for a in curve}}
         if weight == 0:
             print("[merge] the base model scores best on your dev queries: the shipped model is the base", flush=True)
-    merge_weights(base, tuned, counts["weight"], model_dir)
+    merger.save(counts["weight"], model_dir)
     print(f"[merge] shipped model = {counts['weight']:g} x fine-tuned + {1 - counts['weight']:g} x base "
           f"({counts['chosen_by']}) -> {model_dir}", flush=True)
     rec.manifest.counts = counts

@@ -220,9 +220,8 @@ class QueryGenerator:
         self.rare_example_words = set()
         if self.examples:  # word frequencies from up to 20K chunks spread over the corpus
             table = pq.read_table(chunks_path, columns=["title", "text"], memory_map=True)
-            step = max(1, table.num_rows // 20_000)
-            texts = [f"{t} {x}" for t, x in zip(table.column("title").to_pylist()[::step],
-                                                table.column("text").to_pylist()[::step])]
+            sample = table.take(list(range(0, table.num_rows, max(1, table.num_rows // 20_000))))
+            texts = [f"{t} {x}" for t, x in zip(sample.column("title").to_pylist(), sample.column("text").to_pylist())]
             self.rare_example_words = rare_example_words(self.examples, texts)
         self.engine = make_engine(sdg, llm_name)
 
