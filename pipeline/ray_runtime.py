@@ -146,7 +146,11 @@ def map_shards(worker_cls: type, tasks: list[dict], *, ctor_kwargs: dict, use_ra
     ds = ds.map_batches(_BatchAdapter, fn_constructor_kwargs={"worker_cls": worker_cls, "ctor_kwargs": ctor_kwargs},
                         batch_size=1, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(tasks))),
-                        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)
+                        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                        # Ray Data restarts a dead actor forever by default: an actor that dies the same way
+                        # each time (out of memory loading the LLM) would hang the stage, and Ray logs an "E"
+                        # line for every pool (ray#57733). A failed shard fails the stage; a rerun resumes.
+                        max_restarts=0)
     for row in ds.iter_rows():
         result = dict(row)
         progress.advance(extra=_summary(result))

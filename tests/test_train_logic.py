@@ -292,11 +292,20 @@ def chatter():
     return 1
 
 assert ray.get(chatter.remote()) == 1
+
+from pipeline.ray_runtime import map_shards
+
+class Echo:  # the smallest shard worker: a Ray Data actor pool, as SDG and encoding use
+    def process(self, task):
+        return {"shard_id": task["shard_id"], "rows": 1}
+
+assert len(list(map_shards(Echo, [{"shard_id": 0}, {"shard_id": 1}], ctor_kwargs={}))) == 2
 import time; time.sleep(2)  # worker output reaches the driver asynchronously
 print("DONE")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "DONE" in out.stdout and "PlacementGroupCleaner" not in out.stdout + out.stderr
+    assert "core_worker.cc" not in out.stderr, out.stderr[-3000:]  # Ray's "E ... constructor arguments" line
     logs = out.stderr.split("[ray] worker logs: ", 1)[1].split()[0]
     assert any("PlacementGroupCleaner" in p.read_text(errors="replace") for p in Path(logs).glob("worker-*.out"))
