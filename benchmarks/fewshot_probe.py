@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_result  # noqa: E402
 from benchmarks.scifact import SCIFACT, write_example_queries  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.corpus import passage_text  # noqa: E402
+from pipeline.beir import passage_text  # noqa: E402
 from pipeline.llm import make_engine, prompt_messages  # noqa: E402
 from pipeline.sdg import clean_query, copies_example, leaks_example, load_prompts, rare_example_words  # noqa: E402
 

@@ -37,7 +37,7 @@ SETTINGS = {"candidates": 30, "margin": 0.95, "num_negatives": 5, "batch_size": 
 
 
 def load_corpus(data: Path) -> tuple[list[str], list[str]]:
-    from pipeline.corpus import passage_text
+    from pipeline.beir import passage_text
 
     ids, texts = [], []
     with open(data / "corpus.jsonl", encoding="utf-8") as f:
@@ -87,7 +87,8 @@ def mine_ours(model: str, doc_ids: list[str], passages: list[str], queries: list
     import pyarrow.parquet as pq
 
     from pipeline.encode import encode_parquet
-    from pipeline.prep import build_index, mine_negatives
+    from pipeline.index import build_index
+    from pipeline.prep import mine_negatives
 
     with tempfile.TemporaryDirectory() as tmp:  # a fresh cache: the embeddings are computed, not reused
         tmp = Path(tmp)

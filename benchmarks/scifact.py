@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_result  # noqa: E402
 from pipeline import runner  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate import evaluate_models, format_table, write_report  # noqa: E402
+from pipeline.report import format_table, write_report  # noqa: E402
+from pipeline.retrieval import evaluate_models  # noqa: E402
 from pipeline.models import resolve_embedder  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 

@@ -70,7 +70,7 @@ def run_baseline(path: Path, n_chunks: int, n: int, work: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.corpus import passage_text
+    from pipeline.beir import passage_text
     from pipeline.llm import prompt_messages
     from pipeline.models import resolve_llm
     from pipeline.sdg import load_prompts

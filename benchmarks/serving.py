@@ -143,7 +143,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from benchmarks.common import write_result
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
     from pipeline.export import export_onnx
     from pipeline.models import resolve_embedder
 

@@ -46,7 +46,7 @@ def build_data(root: Path) -> Path:
 
     from pipeline.config import load_config
     from pipeline.corpus import CHUNK_SCHEMA
-    from pipeline.evaluate import load_qrels
+    from pipeline.beir import load_qrels
     from pipeline.rundir import RunDir, StageRecorder
     from pipeline.runner import run_stage
     from pipeline.sdg import QA_SCHEMA
@@ -129,7 +129,7 @@ def train_sentence_transformers(work: Path, source: Path) -> tuple[str, int, flo
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from sentence_transformers.training_args import BatchSamplers
 
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
     from pipeline.models import resolve_embedder
 
     torch.set_num_threads(2)
@@ -157,7 +157,7 @@ def val_ndcg(model_path: str, source: Path) -> dict[str, float]:
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
     from pipeline.train import ValidationSet
 
     model = load_model(model_path, device="cpu").eval()

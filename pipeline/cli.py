@@ -144,7 +144,8 @@ def _check_eval_flags(args) -> None:
 
 
 def _eval_beir(args, cfg) -> None:
-    from pipeline.evaluate import evaluate_models, format_table, print_wins_and_losses, write_report
+    from pipeline.report import format_table, print_wins_and_losses, write_report
+    from pipeline.retrieval import evaluate_models
     from pipeline.models import cache_dir, resolve_embedder
     from pipeline.ray_runtime import configure
 

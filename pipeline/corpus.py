@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import RetrofitError
+from pipeline.models import resolve_embedder
 
 log = logging.getLogger("retrofit.corpus")
 
@@ -56,11 +57,6 @@ class ReadReport:
         if len(self.examples) < 10:
             self.examples.append(f"{where}: {reason}")
         log.warning("skipped %s: %s", where, reason)
-
-
-def passage_text(title: str, text: str) -> str:
-    """How a chunk is shown to embedders everywhere (BEIR's convention: title, space, text)."""
-    return f"{title} {text}".strip() if title else text
 
 
 # ---------------------------------------------------------------- sources
@@ -309,8 +305,6 @@ def write_chunks(docs: Iterator[Document], out_path: Path, chunker: Chunker | No
 
 
 def run_stage(cfg, run, rec) -> None:
-    from pipeline.models import resolve_embedder
-
     c = cfg.corpus
     report = ReadReport()
     chunker = None if c.prechunked else Chunker(resolve_embedder(cfg.train.base_model), c.chunk_tokens,

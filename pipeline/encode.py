@@ -1,10 +1,10 @@
-"""Embedding texts with a sentence-transformers model: the one place every stage encodes through.
+"""Embedding a table's texts in bulk: the one place every stage encodes through.
 
-Models may be sentence-transformers folders, exported ONNX folders or a served endpoint's URL, so the
-same evaluation compares all of them. `encode_parquet` embeds one text column of a Parquet table in shards, through Ray Data actors when
-the table is large (one model per actor) or in-process when small; shards are written as .npy files
-into a cache folder named by the model's and the table's fingerprints, so a changed model or corpus
-never reuses stale embeddings and an interrupted encode resumes.
+`encode_parquet` embeds one text column of a Parquet table with any model `embedders.make_encoder`
+takes (a sentence-transformers folder, an ONNX export or an endpoint URL), in shards: through Ray Data
+actors when the table is large (one model per actor) or in-process when small. Shards are written as
+.npy files into a cache folder named by the model's and the table's fingerprints, so a changed model
+or corpus never reuses stale embeddings and an interrupted encode resumes.
 """
 
 from __future__ import annotations
@@ -18,66 +18,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.corpus import passage_text
+from pipeline.beir import passage_text
+from pipeline.embedders import is_endpoint, make_encoder
 from pipeline.ray_runtime import map_shards, set_threads
 from pipeline.rundir import tree_fingerprint
 
 SHARD_ROWS = 4096
-
-
-def load_model(model_path: str, device: str | None = None):
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(model_path, device=device, local_files_only=True)
-
-
-class _SentenceTransformerEncoder:
-    def __init__(self, path: str, batch_size: int):
-        self.model, self.batch_size = load_model(path), batch_size
-
-    def encode(self, texts: list[str], kind: str) -> np.ndarray:
-        prompt = kind if kind in (self.model.prompts or {}) else None  # the model's own query/passage prefix
-        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, prompt_name=prompt,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-
-
-class _OnnxEncoder:
-    def __init__(self, path: str, batch_size: int, threads: int):
-        from pipeline.export import OnnxEmbedder
-
-        self.model, self.batch_size = OnnxEmbedder(path, threads=threads), batch_size
-
-    def encode(self, texts: list[str], kind: str) -> np.ndarray:
-        return self.model.encode(texts, self.batch_size, input_type=kind)
-
-
-class _EndpointEncoder:
-    def __init__(self, url: str, batch_size: int):
-        self.url, self.batch_size = url, batch_size
-
-    def encode(self, texts: list[str], kind: str) -> np.ndarray:
-        from serve.client import embed
-
-        # Evaluation reads long documents the way the in-process model does: their first max_seq_length tokens.
-        out = [embed(self.url, texts[i:i + self.batch_size], encoding_format="base64", input_type=kind,
-                     truncate="END")
-               for i in range(0, len(texts), self.batch_size)]
-        return np.asarray([v for chunk in out for v in chunk], np.float32)
-
-
-def is_endpoint(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
-
-
-def make_encoder(spec: str, batch_size: int = 64, threads: int | None = None):
-    """A sentence-transformers folder, an exported ONNX folder (has export.json) or an endpoint URL."""
-    if is_endpoint(spec):
-        return _EndpointEncoder(spec, batch_size)
-    if (Path(spec) / "export.json").exists():
-        import os
-
-        return _OnnxEncoder(spec, batch_size, threads or os.cpu_count() or 1)
-    return _SentenceTransformerEncoder(spec, batch_size)
 
 
 def texts_of(table, kind: str) -> list[str]:

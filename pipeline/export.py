@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.beir import passage_text
+from pipeline.embedders import OnnxEmbedder, load_model, tensorrt_unavailable
 from pipeline.errors import RetrofitError
+from pipeline.retrieval import evaluate_models
 
 
 class ParityError(RuntimeError):
@@ -54,8 +57,6 @@ def _pooled_module(st_model):
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int) -> Path:
     import torch
-
-    from pipeline.encode import load_model
 
     st = load_model(str(model_dir), device="cpu")
     module, mode = _pooled_module(st)
@@ -96,83 +97,6 @@ def optimize_onnx(src: Path, dst: Path) -> None:
     ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
 
 
-def providers_for(device: str, export_dir: Path, max_seq_length: int, max_batch: int = 64) -> list:
-    """ONNX Runtime providers for 'cpu', 'cuda' or 'tensorrt' (fp16 engine, cached next to the model,
-    its optimisation profile covering batches up to max_batch and sequences up to max_seq_length)."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    shapes = lambda b, n: ",".join(f"{name}:{b}x{n}" for name in ("input_ids", "attention_mask", "token_type_ids"))  # noqa: E731
-    trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
-           "trt_engine_cache_path": str(export_dir / "trt_cache"),
-           "trt_profile_min_shapes": shapes(1, 1), "trt_profile_opt_shapes": shapes(max_batch // 2, max_seq_length // 2),
-           "trt_profile_max_shapes": shapes(max_batch, max_seq_length)}
-    return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def pick_device(device: str, export_dir: str) -> str:
-    """'auto': TensorRT when the export stage built its engine here, CUDA when there is a GPU, else CPU."""
-    if device != "auto":
-        return device
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if "TensorrtExecutionProvider" in available and (Path(export_dir) / "trt_cache").is_dir():
-        return "tensorrt"
-    return "cuda" if "CUDAExecutionProvider" in available else "cpu"
-
-
-def tensorrt_unavailable() -> str | None:
-    """Why a TensorRT engine cannot be built here, or None when it can."""
-    import onnxruntime as ort
-
-    if "TensorrtExecutionProvider" not in ort.get_available_providers():
-        return ("onnxruntime has no TensorrtExecutionProvider here (a CUDA GPU with onnxruntime-gpu and "
-                "TensorRT 10 installed is needed); serving uses ONNX Runtime on "
-                + ("CUDA" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPU"))
-    return None
-
-
-class OnnxEmbedder:
-    """Tokenizer + ONNX Runtime session: the exported artifact alone gives final embeddings."""
-
-    def __init__(self, export_dir: str | Path, threads: int = 1, device: str = "cpu", optimized: bool = True):
-        import onnxruntime as ort
-        from transformers import AutoTokenizer
-
-        export_dir = Path(export_dir)
-        self.info = json.loads((export_dir / "export.json").read_text())
-        self.tok = AutoTokenizer.from_pretrained(str(export_dir))
-        self.prompts = self.info.get("prompts") or {}
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        # TensorRT builds from the portable graph; ORT's own providers load the pre-optimised one.
-        name = self.info.get("optimized") if optimized and device != "tensorrt" else None
-        path = export_dir / (name or "model.onnx")
-        self.session = ort.InferenceSession(str(path), opts, providers=providers_for(
-            device, export_dir, int(self.info["max_seq_length"])))
-        self.dimension = int(self.info["dimension"])
-
-    def encode(self, texts: list[str], batch_size: int = 32, input_type: str | None = None) -> np.ndarray:
-        prefix = self.prompts.get(input_type, "") if input_type else ""
-        if prefix:
-            texts = [prefix + t for t in texts]
-        # Batches of similar length waste little on padding; the output keeps the input order.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.zeros((len(texts), self.dimension), np.float32)
-        for i in range(0, len(texts), batch_size):
-            idx = order[i:i + batch_size]
-            enc = self.tok([texts[j] for j in idx], padding=True, truncation=True,
-                           max_length=self.info["max_seq_length"], return_tensors="np")
-            feeds = {"input_ids": enc["input_ids"].astype(np.int64),
-                     "attention_mask": enc["attention_mask"].astype(np.int64),
-                     "token_type_ids": enc.get("token_type_ids", np.zeros_like(enc["input_ids"])).astype(np.int64)}
-            out[idx] = self.session.run(["sentence_embedding"], feeds)[0]
-        return out
-
-
 def quantize_int8(export_dir: str | Path, out_dir: str | Path) -> Path:
     """Dynamic int8 weights, per channel (per-tensor int8 was too lossy for MiniLM: cosine ~0.965)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -200,8 +124,6 @@ def parity(reference: np.ndarray, embedder: OnnxEmbedder, texts: list[str]) -> d
 def parity_gate(model_dir: str | Path, export_dir: str | Path, texts: list[str], min_cosine: float,
                 devices: list[str]) -> dict:
     """Parity of every graph serving may load (portable, optimised, TensorRT) against torch."""
-    from pipeline.encode import load_model
-
     reference = load_model(str(model_dir), device="cpu").encode(texts, normalize_embeddings=True,
                                                                convert_to_numpy=True)
     checks = {"onnx": parity(reference, OnnxEmbedder(export_dir, optimized=False), texts),
@@ -215,8 +137,6 @@ def parity_gate(model_dir: str | Path, export_dir: str | Path, texts: list[str],
 
 def run_stage(cfg, run, rec) -> None:
     import pyarrow.parquet as pq
-
-    from pipeline.corpus import passage_text
 
     model_dir = run.root / "merge" / "model"  # the shipped model
     out_dir = rec.dir / "onnx"
@@ -250,8 +170,6 @@ def run_stage(cfg, run, rec) -> None:
 
 def int8_variant(cfg, run, rec) -> dict:
     """Quantise, measure the NDCG@10 it costs on the test split, keep it only within the tolerance."""
-    from pipeline.evaluate import evaluate_models
-
     int8_dir = quantize_int8(rec.dir / "onnx", rec.dir / "onnx-int8")
     result = evaluate_models(run.root / "prep" / "beir_test", {"fp32": str(rec.dir / "onnx"), "int8": str(int8_dir)},
                              cfg.eval.top_k, run.root / "cache" / "eval", cfg.eval.batch_size, references=False)

@@ -15,7 +15,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.beir import compute_metrics, json_lines, load_qrels, read_jsonl
+from pipeline.embedders import load_model
+from pipeline.encode import encode_parquet
 from pipeline.errors import RetrofitError
+from pipeline.index import build_index, search
+from pipeline.models import resolve_embedder
 
 
 @dataclass
@@ -38,8 +43,6 @@ def load_dev_queries(spec: str) -> DevQueries:
     if not path.is_file():
         raise RetrofitError(f"merge.dev_queries: {spec} is neither a BEIR folder (optionally FOLDER:SPLIT) nor a "
                             "JSONL file")
-    from pipeline.evaluate import json_lines
-
     queries, qrels = {}, {}
     bad_json = lambda n, msg: RetrofitError(f"merge.dev_queries: {path} line {n} is not JSON: {msg}")  # noqa: E731
     for lineno, row in json_lines(path, bad_json):
@@ -58,8 +61,6 @@ def load_dev_queries(spec: str) -> DevQueries:
 
 
 def _beir_split(folder: Path, split: str, spec: str) -> DevQueries:
-    from pipeline.evaluate import _read_jsonl, load_qrels
-
     if split == "test":  # the test queries only ever give the final score
         raise RetrofitError(f"merge.dev_queries: {spec} names the test split; choosing the merge weight on the "
                             "queries that give the final score would flatter it. Use the train or dev split")
@@ -68,7 +69,7 @@ def _beir_split(folder: Path, split: str, spec: str) -> DevQueries:
         have = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
         raise RetrofitError(f"merge.dev_queries: {qrels_path} is missing (splits here: {', '.join(have) or 'none'}); "
                             "name one as FOLDER:SPLIT")
-    texts = {str(q["_id"]): q["text"] for q in _read_jsonl(folder / "queries.jsonl", ("_id", "text"))}
+    texts = {str(q["_id"]): q["text"] for q in read_jsonl(folder / "queries.jsonl", ("_id", "text"))}
     qrels = {q: d for q, d in load_qrels(qrels_path).items() if q in texts}
     if not qrels:
         raise RetrofitError(f"merge.dev_queries: no query of {qrels_path} is in {folder / 'queries.jsonl'}")
@@ -81,8 +82,6 @@ class Merger:
     prompts, max length)."""
 
     def __init__(self, base_path: str, tuned_path: str):
-        from pipeline.encode import load_model
-
         self.model = load_model(tuned_path, device="cpu")
         self.tuned = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.base = load_model(base_path, device="cpu").state_dict()
@@ -108,10 +107,6 @@ def dev_metrics(model_path: str, chunks_path: Path, doc_of_chunk: list[str], dev
     `doc_of_chunk` holds each chunk's document id, in row order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipeline.encode import encode_parquet
-    from pipeline.evaluate import compute_metrics
-    from pipeline.prep import build_index, search
 
     qids = sorted(dev.qrels)
     cache.mkdir(parents=True, exist_ok=True)
@@ -154,8 +149,6 @@ def choose_weight(curve: dict[float, dict[str, float]]) -> float:
 
 def run_stage(cfg, run, rec) -> None:
     import pyarrow.parquet as pq
-
-    from pipeline.models import resolve_embedder
 
     base, tuned = resolve_embedder(cfg.train.base_model), str(run.root / "train" / "model")
     merger = Merger(base, tuned)

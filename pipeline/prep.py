@@ -23,7 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.beir import passage_text
+from pipeline.encode import encode_parquet
 from pipeline.errors import RetrofitError
+from pipeline.index import build_index, search
+from pipeline.judge import QUERY_RUBRIC, make_judge
+from pipeline.models import cache_dir, resolve_embedder
+from pipeline.rundir import tree_fingerprint
 
 SPLIT_SCHEMA = pa.schema([
     ("qa_id", pa.string()), ("query", pa.string()), ("query_type", pa.string()),
@@ -51,44 +57,6 @@ def split_documents(doc_ids: list[str], val_fraction: float, test_fraction: floa
     split.update({d: "val" for d in docs[n_test:n_test + n_val]})
     split.update({d: "train" for d in docs[n_test + n_val:]})
     return split
-
-
-def build_index(chunk_emb: np.ndarray, kind: str = "flat", *, exact_max: int = 100_000, nprobe: int = 32,
-                ef_search: int = 128, use_gpu: bool = True):
-    """A FAISS inner-product index over the chunks (embeddings are normalised, so scores are cosines) and
-    a short description of what was built. 'auto' is exact up to exact_max chunks, then IVF on a GPU or
-    HNSW on CPUs (FAISS has no GPU HNSW)."""
-    import faiss
-
-    n, dim = chunk_emb.shape
-    gpus = faiss.get_num_gpus() if use_gpu and hasattr(faiss, "get_num_gpus") else 0
-    if kind == "auto":
-        kind = "flat" if n <= exact_max else ("ivf" if gpus else "hnsw")
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction, index.hnsw.efSearch = 80, ef_search
-    else:
-        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # FAISS wants >= 39 training points per list
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = chunk_emb[np.random.default_rng(0).permutation(n)[:256 * nlist]]
-        index.train(sample)
-        index.nprobe = min(nprobe, nlist)
-    on_gpu = bool(gpus) and kind != "hnsw"
-    if on_gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(chunk_emb)
-    return index, f"{kind} ({'GPU' if on_gpu else 'CPU'}, {n} chunks)"
-
-
-def search(index, query_emb: np.ndarray, k: int, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, ids) for every query, in batches so the result buffers stay small per call."""
-    k = min(k, index.ntotal)
-    parts = [index.search(query_emb[i:i + batch], k) for i in range(0, len(query_emb), batch)]
-    if not parts:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def mine_negatives(qa: list[dict], chunk_ids: list[str], chunk_docs: list[str], chunk_emb: np.ndarray,
@@ -260,9 +228,6 @@ def eval_set_folder(cfg, chunks_path: Path) -> Path | None:
     """Where this corpus's fixed evaluation set lives (keyed by the chunks' fingerprint), or None if off."""
     if not cfg.prep.fixed_eval_set:
         return None
-    from pipeline.models import cache_dir
-    from pipeline.rundir import tree_fingerprint
-
     root = Path(cfg.prep.eval_set_root) if cfg.prep.eval_set_root else cache_dir() / "eval_sets"
     # "v2": test queries are no longer round-trip filtered; sets frozen before that are never reused.
     return root / f"v2-{tree_fingerprint(chunks_path)}"
@@ -301,11 +266,6 @@ def write_beir(out_dir: Path, chunks: pa.Table, test_rows: list[dict]) -> None:
 
 
 def run_stage(cfg, run, rec) -> None:
-    from pipeline.corpus import passage_text
-    from pipeline.encode import encode_parquet
-    from pipeline.judge import make_judge
-    from pipeline.models import resolve_embedder
-
     chunks_path = run.root / "corpus" / "chunks.parquet"
     chunks = pq.read_table(chunks_path)
     qa = pq.read_table(run.root / "sdg" / "qa.parquet").to_pylist()
@@ -349,8 +309,6 @@ def run_stage(cfg, run, rec) -> None:
     rec.phase("embed")
     judged = None
     if cfg.prep.query_judge != "none":
-        from pipeline.judge import QUERY_RUBRIC
-
         judge = make_judge(cfg.prep.query_judge, cfg.sdg.llm, template=QUERY_RUBRIC)
         keep, judged = judge_queries(qa, dict(zip(chunk_ids, passages)), judge, cfg.prep.query_judge_min)
         qa, query_emb = [r for r, k in zip(qa, keep) if k], query_emb[keep]

@@ -8,13 +8,20 @@
 - `verdict`: one plain sentence on the primary metric, saying so when the difference is within noise.
 - `by_query_type`: the same means split by query type (identifier queries, questions, claims, ...).
 - `plot_metrics`: grouped bar chart, one group per metric, one bar per model.
+- `write_report`: metrics.json, report.md (tables, significance, largest wins and losses), metrics.png
+  and per_query.parquet for one evaluation.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.beir import HEADLINE, METRICS
 
 
 def paired_test(base: np.ndarray, other: np.ndarray, n_resamples: int = 10_000, seed: int = 0) -> dict:
@@ -124,3 +131,100 @@ def plot_metrics(means: dict[str, dict[str, float]], metrics, path: Path, title:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def format_table(means: dict[str, dict], metrics=HEADLINE) -> str:
+    labels = list(means)
+    head = f"{'metric':<12}" + "".join(f"{lab[:22]:>24}" for lab in labels)
+    has_delta = len(labels) >= 2  # the second row (fine-tuned) minus the first (base)
+    if has_delta:
+        head += f"{'delta':>10}"
+    lines = [head, "-" * len(head)]
+    for m in metrics:
+        line = f"{m:<12}" + "".join(f"{means[lab][m]:>24.4f}" for lab in labels)
+        if has_delta:
+            line += f"{means[labels[1]][m] - means[labels[0]][m]:>+10.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def wins_and_losses(result, base: str, other: str, metric: str = "ndcg@10", n: int = 10):
+    """The n queries `other` improved most over `base`, and the n it hurt most, with each top hit."""
+    docs = {str(d["_id"]): d for d in result.data.corpus}
+    rows = []
+    for q, scores in result.per_query[other].items():
+        delta = scores[metric] - result.per_query[base][q][metric]
+        hit = docs.get(result.top_hit[other][q], {})
+        rows.append({"query_id": q, "query": result.data.queries[q], "delta": round(delta, 4),
+                     "base_top": result.top_hit[base][q], "top_hit": result.top_hit[other][q],
+                     "top_hit_text": " ".join(f"{hit.get('title') or ''} {hit.get('text', '')}".split())[:160]})
+    rows.sort(key=lambda r: r["delta"])
+    wins = [r for r in reversed(rows) if r["delta"] > 0][:n]
+    losses = [r for r in rows if r["delta"] < 0][:n]
+    return wins, losses
+
+
+def write_report(result, out_dir: Path, title: str, base: str = "base") -> dict:
+    """metrics.json, report.md, metrics.png and per_query.parquet for base vs every other model
+    (`result`: a `retrieval.EvalResult`)."""
+    comparison = compare(result.per_query, METRICS, base=base)
+    breakdown = by_query_type(result.per_query, result.data.query_types, HEADLINE)
+    others = [m for m in result.means if m != base]
+    models = [m for m in others if m not in result.references]  # ours, not the reference rows
+    summary = {**result.means, "comparison": comparison, "by_query_type": breakdown,
+               "references": result.references}
+    if len(models) == 1:
+        summary["delta"] = {m: comparison[models[0]][m]["delta"] for m in METRICS}
+    summary["verdicts"] = [verdict(comparison, m, base, len(result.data.qrels)) for m in models]
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    plot_metrics(result.means, HEADLINE, out_dir / "metrics.png", title)
+
+    rows = [{"query_id": q, "query": result.data.queries[q], "query_type": result.data.query_types.get(q, "all"),
+             "model": model, "top_hit": result.top_hit[model][q], **scores}
+            for model, table in result.per_query.items() for q, scores in table.items()]
+    pq.write_table(pa.Table.from_pylist(rows), out_dir / "per_query.parquet")
+
+    lines = [f"# {title}", "", f"{len(result.data.qrels)} queries, {len(result.data.corpus)} documents.", "",
+             "```", format_table(result.means), "```", "", *summary["verdicts"], ""]
+    if result.references:
+        lines += [f"Reference rows, no model of ours: {', '.join(result.references)}. When BM25 or the fusion beats "
+                  "the dense models, lexical matching carries this task. On synthetic queries BM25 is flattered "
+                  "(generated queries copy their chunk's words); on people's queries it is not.", ""]
+    for other in others:
+        lines += [f"## {other} vs {base}: paired randomisation test over queries", "",
+                  "NDCG@10 is the primary metric (p at 0.05); the others are Holm-corrected across metrics "
+                  "(p Holm), and their significance is read from the corrected value.", "",
+                  "| metric | base | " + other + " | delta | relative | 95% CI | p | p Holm | significant |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for m in METRICS:
+            c = comparison[other][m]
+            rel = f"{c['rel_delta']:+.1%}" if c["rel_delta"] is not None else "n/a"
+            holm_p = f"{c['p_holm']:.4f}" if "p_holm" in c else "(primary)"
+            lines.append(f"| {m} | {comparison[base][m]['value']:.4f} | {c['value']:.4f} | {c['delta']:+.4f} | "
+                         f"{rel} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['p_value']:.4f} | {holm_p} | "
+                         f"{'yes' if c['significant'] else 'no'} |")
+        lines.append("")
+    lines += ["## By query type", "", "| type | queries | model | " + " | ".join(HEADLINE) + " |",
+              "|---|---|---|" + "---|" * len(HEADLINE)]
+    for t, group in breakdown.items():
+        for model in result.means:
+            lines.append(f"| {t} | {group['queries']} | {model} | "
+                         + " | ".join(f"{group[model][m]:.4f}" for m in HEADLINE) + " |")
+    lines.append("")
+    for other in models:
+        wins, losses = wins_and_losses(result, base, other)
+        for name, rows_ in (("wins", wins), ("losses", losses)):
+            lines += [f"## Largest {name} of {other} (NDCG@10 delta)", ""]
+            lines += [f"- {r['delta']:+.3f} `{r['query']}` -> top hit `{r['top_hit']}`: {r['top_hit_text']}"
+                      for r in rows_] or ["- none"]
+            lines.append("")
+    (out_dir / "report.md").write_text("\n".join(lines))
+    return summary
+
+
+def print_wins_and_losses(result, base: str, other: str) -> None:
+    wins, losses = wins_and_losses(result, base, other)
+    for name, rows in (("wins", wins), ("losses", losses)):
+        print(f"\nLargest {name} of {other} over {base} (NDCG@10):")
+        for r in rows:
+            print(f"  {r['delta']:+.3f}  {r['query'][:70]!r} -> {r['top_hit_text'][:70]!r}")

@@ -18,7 +18,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.beir import passage_text
 from pipeline.errors import RetrofitError
+from pipeline.ray_runtime import map_shards, set_threads
 from pipeline.llm import make_engine, prompt_messages
 
 log = logging.getLogger("retrofit.sdg")
@@ -210,8 +212,6 @@ class QueryGenerator:
 
     def __init__(self, llm_name: str, chunks_path: str, shard_dir: str, sdg: dict,
                  seed: int, cpus: int = 1):
-        from pipeline.ray_runtime import set_threads
-
         set_threads(cpus)
         self.sdg, self.seed, self.llm_name = sdg, seed, llm_name
         self.prompts = load_prompts(sdg["prompts"], sdg["query_types"])
@@ -227,8 +227,6 @@ class QueryGenerator:
 
     def process(self, task: dict) -> dict:
         import torch
-
-        from pipeline.corpus import passage_text
 
         shard_id = int(task["shard_id"])
         torch.manual_seed(self.seed * 100_003 + shard_id)  # same shard, same queries, whatever the actor
@@ -338,8 +336,6 @@ def run_stage(cfg, run, rec) -> None:
     tasks = shard_tasks(n_chunks, cfg.sdg.shard_size, done)
     if done:
         print(f"[sdg] resuming: {len(done)} finished shard(s) kept, {len(tasks)} to go", flush=True)
-    from pipeline.ray_runtime import map_shards
-
     t0 = time.perf_counter()
     fresh = list(map_shards(
         QueryGenerator, tasks, use_ray=True, num_actors=cfg.sdg.num_actors, num_cpus=cfg.sdg.cpus_per_actor,

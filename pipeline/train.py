@@ -22,7 +22,12 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.beir import compute_metrics
+from pipeline.contrastive import BatchSampler, StepLayout, grad_cache_step, info_nce, lr_lambda
+from pipeline.embedders import load_model
 from pipeline.errors import RetrofitError
+from pipeline.models import resolve_embedder
+from pipeline.ray_runtime import check_resources, set_threads
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_DIR, ENGINE_DIR, RNG_DIR = "model", "engine", "rng"
@@ -150,8 +155,6 @@ class ValidationSet:
         """NDCG@10 of each val query."""
         import torch
 
-        from pipeline.evaluate import compute_metrics
-
         with torch.no_grad():
             q = torch.cat([encode(list(self.queries.values())[i:i + 64], 0) for i in range(0, len(self.queries), 64)])
             p = torch.cat([encode(self.passages[i:i + 64], 1) for i in range(0, len(self.passages), 64)])
@@ -192,10 +195,6 @@ class Worker:
     def __init__(self, config: dict, rank: int, world: int, resume_dir: Path | None, report):
         import pyarrow.parquet as pq
         import torch
-
-        from pipeline.contrastive import BatchSampler, lr_lambda
-        from pipeline.encode import load_model
-        from pipeline.ray_runtime import set_threads
 
         self.tc = tc = config["train"]
         self.rank, self.world, self.report = rank, world, report
@@ -266,8 +265,6 @@ class Worker:
         """One global step: this worker embeds its rows, the loss sees every worker's passages."""
         import torch
         import torch.distributed as dist
-
-        from pipeline.contrastive import StepLayout, grad_cache_step, info_nce
 
         tc = self.tc
         parts = [[self.rows[i] for i in self.sampler.worker_rows(batch, w)] for w in range(self.world)]
@@ -431,9 +428,6 @@ def run_stage(cfg, run, rec) -> None:
     import pyarrow.parquet as pq
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from pipeline.models import resolve_embedder
-    from pipeline.ray_runtime import check_resources
 
     train_path = run.root / "prep" / "train.parquet"
     n_rows = pq.ParquetFile(train_path).metadata.num_rows

@@ -37,7 +37,7 @@ class EmbeddingService:
     def __init__(self, export_dir: str, model_name: str, max_inputs: int, max_input_chars: int,
                  max_batch_size: int, batch_wait_timeout_s: float, threads: int = 1, api_key: str | None = None,
                  device: str = "auto"):
-        from pipeline.export import OnnxEmbedder, pick_device
+        from pipeline.embedders import OnnxEmbedder, pick_device
 
         self.embedder = OnnxEmbedder(export_dir, threads=threads, device=pick_device(device, export_dir))
         from ray.util import metrics

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from pipeline.evaluate import BeirFormatError, compute_metrics, load_beir, retrieve
+from pipeline.beir import BeirFormatError, compute_metrics, load_beir
+from pipeline.retrieval import retrieve
 from tests.conftest import SCIFACT
 
 

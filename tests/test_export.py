@@ -4,7 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.export import OnnxEmbedder, export_onnx, parity_gate
+from pipeline.embedders import OnnxEmbedder
+from pipeline.export import export_onnx, parity_gate
 
 TEXTS = ["json.dumps serialises obj to a JSON formatted str", "x",
          "Bug CSCwx12345 affects firmware 17.9.4a on RT-4410 routers " * 12]
@@ -42,7 +43,7 @@ def test_optimised_graph_is_smaller_in_nodes_and_gives_the_same_embeddings(expor
 
 
 def test_model_prompts_travel_with_the_export_and_apply_by_input_type(base_model, tmp_path):
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
 
     st = load_model(base_model, device="cpu")
     st.prompts = {"query": "query: ", "passage": "passage: "}
@@ -60,7 +61,7 @@ def test_model_prompts_travel_with_the_export_and_apply_by_input_type(base_model
 def test_without_tensorrt_the_export_says_why(monkeypatch):
     import onnxruntime as ort
 
-    from pipeline.export import tensorrt_unavailable
+    from pipeline.embedders import tensorrt_unavailable
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     why = tensorrt_unavailable()
@@ -71,7 +72,7 @@ def test_parity_gate_catches_a_diverging_model(base_model, exported, tmp_path):
     """An export that does not match the torch model (here: perturbed weights) must fail the gate."""
     import torch
 
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
 
     st = load_model(base_model, device="cpu")
     with torch.no_grad():

@@ -14,7 +14,7 @@ from tests.conftest import SCIFACT
 
 def damaged_copy(base_model: str, out, scale: float = 0.5, seed: int = 0) -> str:
     """A 'fine-tuned' model that is the base with noise on every weight: worse on any real query."""
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
 
     model = load_model(base_model, device="cpu")
     gen = torch.Generator().manual_seed(seed)
@@ -30,7 +30,7 @@ def key(state: dict, suffix: str) -> str:
 
 
 def test_merged_weights_are_the_weighted_average(base_model, tmp_path):
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
 
     tuned = damaged_copy(base_model, tmp_path / "tuned", scale=0.1)
     merge_weights(base_model, tuned, 0.25, tmp_path / "merged")
@@ -42,7 +42,7 @@ def test_merged_weights_are_the_weighted_average(base_model, tmp_path):
 
 
 def test_models_of_another_shape_are_not_merged(base_model, tmp_path):
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
 
     model = load_model(base_model, device="cpu")
     encoder = model[0].auto_model.encoder
@@ -91,7 +91,7 @@ def test_the_stage_ships_the_weight_dev_queries_prefer(base_model, tmp_path):
     """A fine-tune that hurts on human queries is not shipped as is: the dev curve picks a weight below 1,
     the manifest says why, and the shipped weights are that mix."""
     from pipeline import merge
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
     from pipeline.rundir import RunDir, StageRecorder
 
     run = RunDir(tmp_path / "run")
@@ -117,7 +117,7 @@ def test_the_stage_ships_the_weight_dev_queries_prefer(base_model, tmp_path):
 
 def test_without_dev_queries_the_configured_weight_ships(base_model, tmp_path):
     from pipeline import merge
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
     from pipeline.rundir import RunDir, StageRecorder
 
     run = RunDir(tmp_path / "run")

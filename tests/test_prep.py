@@ -147,7 +147,7 @@ def _clustered(n, dim=32, seed=0):
 
 
 def test_approximate_indexes_find_what_exact_search_finds_and_auto_switches_by_size():
-    from pipeline.prep import build_index, search
+    from pipeline.index import build_index, search
 
     chunks, queries = _clustered(6000), _clustered(200, seed=1)
     exact, desc = build_index(chunks, "auto", exact_max=10_000, use_gpu=False)

@@ -6,7 +6,8 @@ import pytest
 import requests
 
 from pipeline.config import load_config
-from pipeline.export import OnnxEmbedder, export_onnx
+from pipeline.embedders import OnnxEmbedder
+from pipeline.export import export_onnx
 from tests.conftest import free_port
 
 
@@ -93,7 +94,7 @@ def test_models_and_health(endpoint):
 
 
 def test_eval_through_the_endpoint_reproduces_in_process_metrics(endpoint, tmp_path):
-    from pipeline.evaluate import evaluate_models
+    from pipeline.retrieval import evaluate_models
     from tests.test_eval import _small_beir
 
     url, export_dir, _ = endpoint
@@ -173,7 +174,7 @@ def test_overload_answers_503_quickly_and_the_server_stays_healthy(endpoint):
 
 
 def test_input_type_applies_the_model_prompts(endpoint, base_model, tmp_path):
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
     from serve import app
 
     # Serve is up (the endpoint fixture); this deploys a second app beside it.
@@ -253,3 +254,4 @@ def test_health_answers_while_a_long_batch_is_embedding(endpoint):
         assert still_embedding and waited < 1.0, (still_embedding, waited)
     finally:
         serve.delete("busy")
+

@@ -116,7 +116,7 @@ def test_killed_worker_resumes_exactly_with_two_deepspeed_workers(tmp_path, ray_
     assert manifest["counts"]["engine"] == "deepspeed" and manifest["counts"]["global_batch"] == 4
     assert len(manifest["counts"]["val_ndcg@10"]) >= 2
     assert list((run.root / "train" / "tensorboard").glob("events.out.tfevents.*"))
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
 
     # The saved length is the longer of the two (queries here), not the one encode() used last (passages).
     assert load_model(str(run.root / "train" / "model"), device="cpu").max_seq_length == 48

@@ -173,7 +173,7 @@ def test_two_workers_see_the_whole_global_batch(symmetric):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 def test_grad_cache_replays_dropout_in_train_mode(base_model, device):
-    from pipeline.encode import load_model
+    from pipeline.embedders import load_model
 
     model = load_model(base_model, device=device).train()  # dropout on
     queries = [f"how do I read {t} files in python?" for t in ("csv", "json", "zip", "xml", "ini", "tar")]

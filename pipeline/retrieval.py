@@ -1,0 +1,87 @@
+"""Scoring models on a BEIR folder: each model (folder, ONNX export or endpoint) retrieves over the whole
+corpus by exact inner product; BM25 and its fusion with the first model come as reference rows."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.beir import BeirData, compute_metrics, load_beir
+from pipeline.encode import encode_parquet
+from pipeline.index import build_index, search
+from pipeline.lexical import bm25_run, rrf
+
+def retrieve(model_path: str, corpus: list[dict], queries: dict[str, str], qids: list[str], top_k: int,
+             cache: Path, batch_size: int) -> dict[str, dict[str, float]]:
+    """Top-k documents per query, scored by cosine, for one model (any spec `make_encoder` takes)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    # The texts go to a folder of this call's own (the cache may be shared by evaluations running at
+    # once); the embeddings are cached by content, whatever the file's name.
+    tables = Path(tempfile.mkdtemp(prefix="beir-", dir=cache))
+    try:
+        corpus_path = tables / "corpus.parquet"
+        pq.write_table(pa.table({"title": [str(d.get("title") or "") for d in corpus],
+                                 "text": [str(d["text"]) for d in corpus]}), corpus_path)
+        query_path = tables / "queries.parquet"
+        pq.write_table(pa.table({"query": [queries[q] for q in qids]}), query_path)
+        use_ray = len(corpus) > 50_000  # below that, actor start-up costs more than it saves
+        doc_emb = encode_parquet(model_path, corpus_path, "passage", cache, batch_size=batch_size, use_ray=use_ray)
+        q_emb = encode_parquet(model_path, query_path, "query", cache, batch_size=batch_size)
+    finally:
+        shutil.rmtree(tables, ignore_errors=True)
+    index, _ = build_index(doc_emb, "flat")  # evaluation is always exact search
+    scores, idx = search(index, q_emb, top_k + 1)
+    doc_ids = [str(d["_id"]) for d in corpus]
+    run: dict[str, dict[str, float]] = {}
+    for qi, q in enumerate(qids):
+        # BEIR drops a hit whose id equals the query id (ignore_identical_ids=True); so do we.
+        hits = {doc_ids[j]: float(s) for j, s in zip(idx[qi], scores[qi]) if j >= 0 and doc_ids[j] != q}
+        run[q] = dict(sorted(hits.items(), key=lambda kv: -kv[1])[:top_k])
+    return run
+
+
+@dataclass
+class EvalResult:
+    data: BeirData
+    means: dict[str, dict[str, float]] = field(default_factory=dict)       # model -> metric -> mean
+    per_query: dict[str, dict[str, dict]] = field(default_factory=dict)    # model -> qid -> metric -> value
+    top_hit: dict[str, dict[str, str]] = field(default_factory=dict)       # model -> qid -> doc id
+    references: list[str] = field(default_factory=list)                    # rows that are no model of ours
+
+    def add(self, label: str, run: dict[str, dict[str, float]]) -> None:
+        self.means[label], self.per_query[label] = compute_metrics(self.data.qrels, run)
+        self.top_hit[label] = {q: next(iter(run[q]), "") for q in run}
+
+
+BM25_LABEL = "bm25 (reference)"
+
+
+def hybrid_label(base: str) -> str:
+    return f"bm25+{base} RRF (reference)"
+
+
+def evaluate_models(beir_dir: str | Path, models: dict[str, str], top_k: int, cache: Path,
+                    batch_size: int = 64, references: bool = True) -> EvalResult:
+    """{label: model folder, ONNX export folder or endpoint URL} -> metrics of each on one BEIR folder.
+
+    With `references`, two rows that need no model of ours follow: BM25, and BM25 fused with the first
+    (baseline) model by reciprocal rank."""
+    data = load_beir(beir_dir)
+    qids = sorted(data.qrels)
+    result = EvalResult(data)
+    runs = {}
+    for label, path in models.items():
+        runs[label] = retrieve(path, data.corpus, data.queries, qids, top_k, cache, batch_size)
+        result.add(label, runs[label])
+    if references:
+        base = next(iter(models))
+        lexical = bm25_run(data.corpus, data.queries, qids, top_k)
+        result.add(BM25_LABEL, lexical)
+        result.add(hybrid_label(base), rrf([lexical, runs[base]], top_k))
+        result.references = [BM25_LABEL, hybrid_label(base)]
+    return result
