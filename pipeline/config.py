@@ -19,6 +19,10 @@ from pipeline.errors import RetrofitError
 
 # Where and on how many actors a stage runs (an LLM server's address included): changing these never
 # changes a stage's output, so they are not part of its identity.
+# What a stage's identity is made of. 1: settings left at their defaults were not hashed (a changed default
+# went unnoticed); 2: every setting, recorded in the manifest. Run folders of another schema are not reused.
+CONFIG_SCHEMA = 2
+
 PLACEMENT = {"num_actors", "cpus_per_actor", "gpus_per_actor", "resources", "max_failures", "openai_base_url",
              "openai_concurrency", "openai_timeout_s", "openai_max_retries", "openai_api_key_env", "fallback_backend"}
 
@@ -277,16 +281,19 @@ class RetrofitConfig(Section):
                              "the queries were written about; lower the one or raise the other")
         return self
 
-    def section_hash(self, *names: str, extra: dict | None = None) -> str:
-        """Hash of the named sections: a stage is rerun only when the settings it reads change.
+    def section_settings(self, *names: str) -> dict[str, Any]:
+        """Every setting of the named sections that decides what a stage produces, as 'section.field' ->
+        value. Defaults included: a release that changes a default changes the stage's identity. Placement
+        settings (where and on how many actors a stage runs) never change what it produces and are left out."""
+        settings = {f"{n}.{k}": v for n in names
+                    for k, v in getattr(self, n).model_dump(mode="json", exclude=PLACEMENT).items()}
+        settings["seed"] = self.seed
+        return settings
 
-        Settings left at their defaults are not hashed, so a Retrofit upgrade that adds a setting does not
-        rerun finished stages (hours of SDG); placement settings (where and on how many actors a stage runs)
-        never change what it produces and are not hashed either."""
-        payload = {n: getattr(self, n).model_dump(mode="json", exclude_defaults=True, exclude=PLACEMENT)
-                   for n in names}
-        payload["seed"] = self.seed
-        payload["extra"] = extra or {}
+    def section_hash(self, *names: str, extra: dict | None = None) -> str:
+        """Hash of the named sections' settings (and `extra`, such as prompt text): a stage is rerun only when
+        what it reads changes."""
+        payload = {"schema": CONFIG_SCHEMA, "settings": self.section_settings(*names), "extra": extra or {}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -57,6 +57,8 @@ class Manifest:
     stage: str
     status: str = "running"  # running | completed | failed
     config_hash: str = ""
+    config_schema: int | None = None  # config.CONFIG_SCHEMA of the Retrofit that wrote it (None: schema 1)
+    settings: dict = field(default_factory=dict)  # 'section.field' -> value, what config_hash was made from
     inputs: dict = field(default_factory=dict)  # name -> fingerprint
     outputs: dict = field(default_factory=dict)  # relative path -> fingerprint
     counts: dict = field(default_factory=dict)
@@ -118,11 +120,12 @@ class StageInputMissing(RuntimeError):
 class StageRecorder:
     """Context manager around one stage run: writes running/completed/failed manifests."""
 
-    def __init__(self, run: RunDir, stage: str, config_hash: str, inputs: dict):
+    def __init__(self, run: RunDir, stage: str, config_hash: str, inputs: dict, settings: dict | None = None,
+                 config_schema: int | None = None):
         self.run, self.stage = run, stage
         self.dir = run.stage_dir(stage)
-        self.manifest = Manifest(stage=stage, config_hash=config_hash, inputs=inputs,
-                                 versions=_versions(), started_at=time.time())
+        self.manifest = Manifest(stage=stage, config_hash=config_hash, config_schema=config_schema,
+                                 settings=settings or {}, inputs=inputs, versions=_versions(), started_at=time.time())
         self._t0 = time.perf_counter()
         self._phase_t0 = self._t0
 

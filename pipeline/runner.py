@@ -12,7 +12,7 @@ import sys
 import time
 
 from pipeline import corpus, evaluate, export, merge, prep, sdg, train
-from pipeline.config import RetrofitConfig, dump_config
+from pipeline.config import CONFIG_SCHEMA, RetrofitConfig, dump_config
 from pipeline.errors import RetrofitError
 from pipeline.llm import PROMPT_LAYOUT
 from pipeline.rundir import RunDir, StageRecorder
@@ -49,6 +49,12 @@ def stage_identity(name: str, cfg: RetrofitConfig, run: RunDir) -> tuple[str, di
     return config_hash(name, cfg), inputs
 
 
+def what_changed(old: dict, new: dict) -> str:
+    """'train.lr 2e-05 -> 3e-05, ...': the settings that differ between a stage's old output and this run."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "(absent)") != new.get(k, "(absent)"))
+    return ", ".join(f"{k} {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys)
+
+
 def parse_force(value: str | None) -> set[str]:
     """`--force train`, `--force prep,train`, `--force all` -> the stages to redo. Redoing a stage deletes
     its output (hours of SDG shards, say), so `retrofit run` never forces every stage unless told 'all'."""
@@ -72,16 +78,26 @@ def _describe(folder) -> str:
 def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) -> str:
     """Run one batch stage; returns 'skipped' or 'completed' (raises on failure)."""
     stage_hash, inputs = stage_identity(name, cfg, run)
-    rec = StageRecorder(run, name, stage_hash, inputs)
+    settings = cfg.section_settings(*READS[name])
+    rec = StageRecorder(run, name, stage_hash, inputs, settings, CONFIG_SCHEMA)
     if rec.up_to_date() and not force:
         print(f"[{name}] up to date, skipped (config and inputs unchanged)", flush=True)
         return "skipped"
     old = run.read_manifest(name)
+    folder = run.root / name
+    if old is not None and old.config_schema != CONFIG_SCHEMA and not force:
+        # Its identity left default settings out: whether today's defaults match what made it is unknown.
+        # Redoing it deletes it (hours of SDG, say), so that is the user's call, never a side effect.
+        raise RetrofitError(f"{folder} was made by an older Retrofit (config schema {old.config_schema or 1}, now "
+                            f"{CONFIG_SCHEMA}) whose stage identity left settings at their defaults out; it cannot "
+                            f"be checked against this run's settings. Redo it with --force {name} (deletes it) or "
+                            "write this run to a new --out folder")
     stale = old is not None and (old.config_hash != stage_hash or old.inputs != inputs)
     if force or stale:  # never mix old shards with new settings; say what goes before it goes
-        folder = run.root / name
         if folder.exists():
-            why = "--force" if force else "its settings or inputs changed"
+            changed = what_changed(old.settings, settings) if old else ""
+            why = ("--force" if force else f"its settings changed ({changed})" if changed
+                   else "its inputs or prompts changed")
             print(f"[{name}] {why}: deleting {folder} ({_describe(folder)})", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
         rec.dir.mkdir(parents=True)

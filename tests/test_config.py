@@ -69,3 +69,19 @@ def test_settings_are_checked_across_sections():
     assert load_config(None, ["corpus.chunk_tokens=300", "train.max_passage_tokens=320"]).corpus.chunk_tokens == 300
     with pytest.raises(ConfigError, match="min_replicas .5. is above max_replicas .2."):
         load_config(None, ["serve.min_replicas=5", "serve.max_replicas=2"])
+
+
+def test_a_changed_default_changes_the_stage_identity():
+    """A release that changes a default must not reuse outputs made under the old one (schema 1 left
+    defaults out of the hash, so this went unnoticed)."""
+    from pipeline.config import TrainConfig
+
+    class NextReleaseTrainConfig(TrainConfig):  # the same section, one default changed
+        lr: float = 3e-5
+
+    today = load_config(None, [])
+    next_release = today.model_copy(update={"train": NextReleaseTrainConfig()})
+    assert next_release.train.lr == 3e-5
+    assert next_release.section_hash("train") != today.section_hash("train")
+    assert next_release.section_hash("sdg") == today.section_hash("sdg")
+    assert today.section_settings("train")["train.lr"] == 2e-5  # what the manifest records

@@ -44,6 +44,43 @@ def test_a_forced_stage_says_what_it_deletes(tmp_path, capsys):
     assert f"[prep] --force: deleting {run.root / 'prep'} (" in out and "files" in out
 
 
+
+def test_a_changed_setting_is_named_before_the_stage_is_redone(tmp_path, capsys):
+    from pipeline.config import load_config
+    from pipeline.runner import run_stage
+    from test_prep import _fake_run
+
+    run = _fake_run(tmp_path / "r", 1, "what is")
+    run_stage("prep", load_config(None, ["prep.fixed_eval_set=false", "prep.num_negatives=2"]), run)
+    capsys.readouterr()
+    run_stage("prep", load_config(None, ["prep.fixed_eval_set=false", "prep.num_negatives=3"]), run)
+    assert "[prep] its settings changed (prep.num_negatives 2 -> 3): deleting" in capsys.readouterr().out
+
+
+def test_a_stage_made_under_the_old_identity_is_never_deleted_silently(tmp_path):
+    """Schema 1 hashed only non-default settings, so a changed default went unnoticed: an old output can
+    not be checked, and redoing it would delete it. The run stops and says how to go on."""
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.errors import RetrofitError
+    from pipeline.runner import run_stage
+    from test_prep import _fake_run
+
+    run = _fake_run(tmp_path / "r", 1, "what is")
+    cfg = load_config(None, ["prep.fixed_eval_set=false", "prep.num_negatives=2"])
+    run_stage("prep", cfg, run)
+    manifest = json.loads(run.manifest_path("prep").read_text())
+    for key in ("config_schema", "settings"):  # what a schema-1 manifest lacks
+        del manifest[key]
+    manifest["config_hash"] = "0123456789abcdef"
+    run.manifest_path("prep").write_text(json.dumps(manifest))
+    before = sorted(p.name for p in (run.root / "prep").iterdir())
+    with pytest.raises(RetrofitError, match="older Retrofit .* --force prep"):
+        run_stage("prep", cfg, run)
+    assert sorted(p.name for p in (run.root / "prep").iterdir()) == before
+    assert run_stage("prep", cfg, run, force=True) == "completed"
+
 def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
