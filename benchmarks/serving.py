@@ -182,7 +182,8 @@ def main() -> int:
             ratios[f"ours/{other}"] = {c: round(table["ours"][c]["requests_per_s"] / table[other][c]["requests_per_s"], 3)
                                        for c in CONCURRENCY}
             print(f"throughput ours/{other}: " + ", ".join(f"c={c}: {v:.2f}" for c, v in ratios[f"ours/{other}"].items()))
-    path = write_result("serving", {"requests": args.requests, "table": table, "ratios": ratios,
+    extra = {"ours_over_infinity": ratios["ours/infinity"]} if "ours/infinity" in ratios else {}
+    path = write_result("serving", {"requests": args.requests, "table": table, "ratios": ratios, **extra,
                                     "ours_settings": args.overrides,
                                     "command": "benchmarks/serving.py" + (" --skip-infinity" if args.skip_infinity else "")})
     print(f"wrote {path}")

@@ -58,6 +58,7 @@ class EmbeddingService:
         logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
         self._embed_batch.set_max_batch_size(max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.in_flight = 0  # embedding requests inside this replica now
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
@@ -72,6 +73,18 @@ class EmbeddingService:
             out.append(emb[i:i + len(texts)])
             i += len(texts)
         return out
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        """A request with company joins a batch; one alone in the replica runs at once, since waiting out
+        the batching window for requests that are not coming is pure latency (most of it at concurrency 1)."""
+        self.in_flight += 1
+        try:
+            if self.in_flight == 1:
+                self.batch_texts.observe(len(texts))
+                return await asyncio.to_thread(self.embedder.encode, texts)
+            return await self._embed_batch(texts)
+        finally:
+            self.in_flight -= 1
 
     def _unauthorized(self, request: Request):
         if self.api_key and not hmac.compare_digest(request.headers.get("authorization", ""),
@@ -149,7 +162,7 @@ class EmbeddingService:
             return checked
         texts, fmt, n_tokens = checked
         self.inputs.inc(len(texts))
-        emb = await self._embed_batch(texts)
+        emb = await self._embed(texts)
         data = []
         for i, vec in enumerate(emb):
             value = base64.b64encode(vec.astype("<f4").tobytes()).decode() if fmt == "base64" else vec.tolist()

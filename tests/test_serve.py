@@ -255,3 +255,30 @@ def test_health_answers_while_a_long_batch_is_embedding(endpoint):
     finally:
         serve.delete("busy")
 
+
+def test_a_lone_request_does_not_wait_out_the_batching_window(endpoint):
+    """Batching waits up to batch_wait_timeout_s for more requests; with none in the replica it must not
+    (at concurrency 1 that wait was most of the latency). Requests with company still batch and answer."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from serve import app
+
+    _, export_dir, _ = endpoint
+    port = int(endpoint[0].rsplit(":", 1)[1])
+    cfg = load_config(None, [f"serve.port={port}", "serve.batch_wait_timeout_s=5"])
+    url = app.start(str(export_dir), "patient", cfg.serve, app_name="patient", route_prefix="/patient")
+    try:
+        requests.post(f"{url}/v1/embeddings", json={"input": "warm up"}, timeout=60)
+        started = time.perf_counter()
+        assert requests.post(f"{url}/v1/embeddings", json={"input": "alone"}, timeout=60).status_code == 200
+        alone_s = time.perf_counter() - started
+        assert alone_s < 2.5, alone_s  # the window is 5 s
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            codes = list(pool.map(lambda i: requests.post(f"{url}/v1/embeddings", json={"input": f"together {i}"},
+                                                          timeout=60).status_code, range(4)))
+        assert codes == [200] * 4
+    finally:
+        serve.delete("patient")
