@@ -110,7 +110,7 @@ def train_ours(work: Path, source: Path, workers: int) -> tuple[str, int, float,
     cfg = load_config(None, [f"train.batch_size={per_worker}", f"train.epochs={SETTINGS['epochs']}",
                              f"train.negatives_per_query={SETTINGS['negatives']}", f"train.lr={SETTINGS['lr']}",
                              f"train.warmup_ratio={SETTINGS['warmup_ratio']}",
-                             f"train.temperature={SETTINGS['temperature']}", f"train.num_workers={workers}",
+                             f"train.loss_temperature={SETTINGS['temperature']}", f"train.num_workers={workers}",
                              f"train.cpus_per_worker={2 // workers}", "train.keep=last", "ray.num_cpus=2",
                              "train.engine=deepspeed"])
     run_stage("train", cfg, run, force=True)

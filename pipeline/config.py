@@ -145,13 +145,12 @@ class TrainConfig(Section):
     epochs: int = Field(3, ge=1, le=100)
     batch_size: int = Field(16, ge=2, description="Queries per step per worker.")
     lr: float = Field(2e-5, gt=0.0, lt=1.0)
-    lr_preset: Literal["default", "half", "double"] = Field("default", description="Scales lr by 1, 0.5 or 2: "
-                                                             "quick sweeps by name.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm (0: off); the Hugging Face / "
                                  "sentence-transformers trainer's default too.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (that trainer's default: 0).")
-    temperature: float = Field(0.05, gt=0.0, le=1.0, description="InfoNCE temperature.")
+    loss_temperature: float = Field(0.05, gt=0.0, le=1.0, description="InfoNCE temperature (the loss's; "
+                                    "sdg.temperature is the LLM's sampling).")
     symmetric: bool = Field(False, description="Add the passage-to-query direction to the loss.")
     negatives_per_query: int = Field(3, ge=0, description="Hard negatives used per query in a step.")
     max_query_tokens: int = Field(64, ge=8)
@@ -159,7 +158,6 @@ class TrainConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (processes).")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
-    seed: int = 13
     engine: Literal["deepspeed", "ddp"] = Field("deepspeed", description="DeepSpeed ZeRO, or plain AdamW with "
                                                  "an all-reduce of gradients (the fallback).")
     zero_stage: Literal[1, 2] = Field(2, description="DeepSpeed ZeRO stage.")
@@ -180,10 +178,6 @@ class TrainConfig(Section):
             raise ValueError("grad_cache_chunk needs engine 'ddp' (DeepSpeed owns the backward pass)")
         return self
 
-
-    @property
-    def effective_lr(self) -> float:
-        return self.lr * {"default": 1.0, "half": 0.5, "double": 2.0}[self.lr_preset]
 
 
 class MergeConfig(Section):
@@ -313,6 +307,21 @@ class ConfigError(RetrofitError):
     """A config problem, phrased for the user: names the file and field."""
 
 
+# Settings renamed or removed (config schema 2), and what to write instead.
+RENAMED = {
+    "train.temperature": "train.loss_temperature (sdg.temperature is the LLM's sampling; this one is the loss's)",
+    "train.seed": "seed (the run has one seed, at the top level)",
+    "train.lr_preset": "train.lr (half: 1e-5, double: 4e-5 for the default 2e-5)",
+}
+
+
+def _check_renamed(data: dict, source: str) -> None:
+    for old, new in RENAMED.items():
+        section, name = old.split(".")
+        if isinstance(data.get(section), dict) and name in data[section]:
+            raise ConfigError(f"invalid config ({source}):\n  {old} was renamed or removed: use {new}")
+
+
 def _deep_merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -358,8 +367,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    _check_renamed(data, source)
     for item in overrides or []:
         data = _deep_merge(data, _parse_override(item))
+        _check_renamed(data, f"--set {item}")
     profile = data.get("profile", "cpu-small")
     if profile not in PROFILES:
         raise ConfigError(f"invalid config ({source}):\n  profile: must be one of {sorted(PROFILES)} (got {profile!r})")

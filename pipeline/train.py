@@ -201,10 +201,11 @@ class Worker:
         set_threads(tc["cpus_per_worker"])
         on_gpu = tc["use_gpu"] and torch.cuda.is_available()
         self.device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
-        torch.manual_seed(tc["seed"])
+        self.seed = config["seed"]
+        torch.manual_seed(self.seed)
 
         self.rows = pq.read_table(config["train_path"]).to_pylist()
-        self.sampler = BatchSampler(self.rows, tc["batch_size"], self.world, tc["seed"])
+        self.sampler = BatchSampler(self.rows, tc["batch_size"], self.world, self.seed)
         self.total = self.sampler.steps_per_epoch * tc["epochs"]
         warmup = int(tc["warmup_ratio"] * self.total)
         schedule = lambda s: lr_lambda(s, self.total, warmup)  # noqa: E731
@@ -215,9 +216,9 @@ class Worker:
         self.model.prompts = {k: v for k, v in (("query", tc["query_prefix"]), ("passage", tc["passage_prefix"])) if v}
         self.model.train()
         if tc["engine"] == "deepspeed":
-            self.engine = DeepSpeedEngine(self.model, config["lr"], schedule, self.world, tc, on_gpu)
+            self.engine = DeepSpeedEngine(self.model, tc["lr"], schedule, self.world, tc, on_gpu)
         else:
-            self.engine = PlainEngine(self.model, config["lr"], schedule, self.world, bf16=on_gpu,
+            self.engine = PlainEngine(self.model, tc["lr"], schedule, self.world, bf16=on_gpu,
                                       max_grad_norm=tc["max_grad_norm"], weight_decay=tc["weight_decay"])
         if resume_dir:  # continue exactly: optimiser moments, schedule, dropout RNG, sampler position
             self.state = json.loads((resume_dir / TRAINER_STATE).read_text())
@@ -272,11 +273,11 @@ class Worker:
         queries, passages = [r["query"] for r in parts[self.rank]], layout.passages[self.rank]
 
         def loss_fn(q, p):
-            return info_nce(q, p, layout, self.rank, self.world, tc["temperature"], tc["symmetric"])
+            return info_nce(q, p, layout, self.rank, self.world, tc["loss_temperature"], tc["symmetric"])
 
         if tc["grad_cache_chunk"]:
             loss = grad_cache_step(self.encode, queries, passages, loss_fn, self.engine.backward,
-                                   tc["grad_cache_chunk"], tc["seed"] + self.state["global_step"])
+                                   tc["grad_cache_chunk"], self.seed + self.state["global_step"])
         else:
             loss_t = loss_fn(self.encode(queries, 0), self.encode(passages, 1))
             self.engine.backward(loss_t)
@@ -449,7 +450,7 @@ def run_stage(cfg, run, rec) -> None:
     check_resources("train", [per_worker] * tc.num_workers)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": tc.model_dump(), "lr": tc.effective_lr, "base_model": resolve_embedder(tc.base_model),
+        train_loop_config={"train": tc.model_dump(), "seed": cfg.seed, "base_model": resolve_embedder(tc.base_model),
                            "train_path": str(train_path), "val_path": str(val_path) if has_val else None,
                            "log_path": str(log_path), "tensorboard_dir": str(rec.dir / "tensorboard")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,

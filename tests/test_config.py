@@ -85,3 +85,18 @@ def test_a_changed_default_changes_the_stage_identity():
     assert next_release.section_hash("train") != today.section_hash("train")
     assert next_release.section_hash("sdg") == today.section_hash("sdg")
     assert today.section_settings("train")["train.lr"] == 2e-5  # what the manifest records
+
+
+@pytest.mark.parametrize("old, new", [("train.temperature=0.1", "train.loss_temperature"), ("train.seed=3", "seed"),
+                                      ("train.lr_preset=half", "train.lr")])
+def test_a_renamed_setting_names_its_new_name(tmp_path, old, new):
+    """One name means one thing: the loss temperature is not the LLM's, the run has one seed, lr has no alias."""
+    with pytest.raises(ConfigError, match=f"{old.split('=')[0]} was renamed or removed: use {new}"):
+        load_config(None, [old])
+    section, rest = old.split(".", 1)
+    field, value = rest.split("=")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {field}: {value}\n")
+    with pytest.raises(ConfigError, match=f"(?s)old.yaml.*{old.split('=')[0]} was renamed"):
+        load_config(path, [])
+    assert load_config(None, ["train.loss_temperature=0.1"]).train.loss_temperature == 0.1

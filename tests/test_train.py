@@ -71,7 +71,7 @@ def test_killed_worker_resumes_exactly_with_two_deepspeed_workers(tmp_path, ray_
                              "train.epochs=2", "train.checkpoint_every_steps=4", "train.max_query_tokens=48",
                              "train.max_passage_tokens=32", "train.negatives_per_query=1", "train.keep=last",
                              # A hard task (loss ~2, not ~1e-4), so equal losses mean something.
-                             "train.temperature=1.0", "train.lr=1e-3"])
+                             "train.loss_temperature=1.0", "train.lr=1e-3"])
     log = run.root / "train" / "train_log.jsonl"
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("status", run_stage("train", cfg, run)), daemon=True)
