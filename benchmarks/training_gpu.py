@@ -54,7 +54,7 @@ def run_ours(train_path: Path, model: str, work: Path, engine: str, profile: boo
                      warmup_ratio=SETTINGS["warmup_ratio"], max_query_tokens=SETTINGS["max_query_tokens"],
                      max_passage_tokens=SETTINGS["max_passage_tokens"], engine=engine, cpus_per_worker=8)
     log = work / f"ours_{engine}_{profile}.jsonl"
-    config = {"train": tc.model_dump(), "seed": 13, "base_model": model, "train_path": str(train_path),
+    config = {"train": tc, "seed": 13, "base_model": model, "train_path": str(train_path),
               "val_path": None, "log_path": str(log), "tensorboard_dir": str(work / "tb")}
     t0 = time.perf_counter()
     worker = Worker(config, rank=0, world=1, resume_dir=None, report=lambda metrics, folder: None)

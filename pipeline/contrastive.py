@@ -224,17 +224,17 @@ def grad_cache_step(encode, queries: list[str], passages: list[str], loss_fn, ba
 
     def embed_chunk(part, kind, i):
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed * 100_003 + i * 2 + kind)
+            torch.manual_seed(seed * 100_003 + i * 2 + ("query", "passage").index(kind))
             return encode(part, kind)
 
     with torch.no_grad():
-        q = torch.cat([embed_chunk(part, 0, i) for i, part in chunks(queries)])
-        p = torch.cat([embed_chunk(part, 1, i) for i, part in chunks(passages)])
+        q = torch.cat([embed_chunk(part, "query", i) for i, part in chunks(queries)])
+        p = torch.cat([embed_chunk(part, "passage", i) for i, part in chunks(passages)])
     q.requires_grad_(True)
     p.requires_grad_(True)
     loss = loss_fn(q, p)
     loss.backward()  # gradients of the loss w.r.t. the embeddings only (they are leaves)
-    for kind, texts, grad in ((0, queries, q.grad), (1, passages, p.grad)):
+    for kind, texts, grad in (("query", queries, q.grad), ("passage", passages, p.grad)):
         for i, part in chunks(texts):
             backward((embed_chunk(part, kind, i) * grad[i:i + len(part)]).sum())
     return float(loss.item())

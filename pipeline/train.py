@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from pipeline.beir import compute_metrics
+from pipeline.config import TrainConfig
 from pipeline.contrastive import BatchSampler, StepLayout, grad_cache_step, info_nce, lr_lambda
 from pipeline.embedders import load_model
 from pipeline.errors import RetrofitError
@@ -95,14 +96,14 @@ class DeepSpeedEngine(PlainEngine):
     """DeepSpeed ZeRO (stage 1/2) on the process group Ray Train set up (NCCL on GPUs, gloo on CPUs);
     bf16 on GPUs. ZeRO-1/2 keep full weights on every rank, so rank 0 saves the plain model."""
 
-    def __init__(self, model, lr: float, schedule, world: int, tc: dict, on_gpu: bool):
+    def __init__(self, model, lr: float, schedule, world: int, tc: TrainConfig, on_gpu: bool):
         import deepspeed
         import torch
 
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc["weight_decay"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        config = {"train_micro_batch_size_per_gpu": tc["batch_size"], "gradient_accumulation_steps": 1,
-                  "gradient_clipping": tc["max_grad_norm"], "zero_optimization": {"stage": tc["zero_stage"]},
+        config = {"train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": 1,
+                  "gradient_clipping": tc.max_grad_norm, "zero_optimization": {"stage": tc.zero_stage},
                   "zero_allow_untested_optimizer": True,  # torch's AdamW (DeepSpeed's own needs a CUDA build)
                   "bf16": {"enabled": on_gpu}, "steps_per_print": 10**9}
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
@@ -156,8 +157,9 @@ class ValidationSet:
         import torch
 
         with torch.no_grad():
-            q = torch.cat([encode(list(self.queries.values())[i:i + 64], 0) for i in range(0, len(self.queries), 64)])
-            p = torch.cat([encode(self.passages[i:i + 64], 1) for i in range(0, len(self.passages), 64)])
+            q = torch.cat([encode(list(self.queries.values())[i:i + 64], "query")
+                           for i in range(0, len(self.queries), 64)])
+            p = torch.cat([encode(self.passages[i:i + 64], "passage") for i in range(0, len(self.passages), 64)])
         scores = (q @ p.T).float().cpu().numpy()
         run = {}
         for qid, row in zip(self.queries, scores):
@@ -196,36 +198,37 @@ class Worker:
         import pyarrow.parquet as pq
         import torch
 
-        self.tc = tc = config["train"]
+        self.tc: TrainConfig = config["train"]  # typed: the section itself travels to the workers
+        tc = self.tc
         self.rank, self.world, self.report = rank, world, report
-        set_threads(tc["cpus_per_worker"])
-        on_gpu = tc["use_gpu"] and torch.cuda.is_available()
+        set_threads(tc.cpus_per_worker)
+        on_gpu = tc.use_gpu and torch.cuda.is_available()
         self.device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
         self.seed = config["seed"]
         torch.manual_seed(self.seed)
 
         self.rows = pq.read_table(config["train_path"]).to_pylist()
-        self.sampler = BatchSampler(self.rows, tc["batch_size"], self.world, self.seed)
-        self.total = self.sampler.steps_per_epoch * tc["epochs"]
-        warmup = int(tc["warmup_ratio"] * self.total)
+        self.sampler = BatchSampler(self.rows, tc.batch_size, self.world, self.seed)
+        self.total = self.sampler.steps_per_epoch * tc.epochs
+        warmup = int(tc.warmup_ratio * self.total)
         schedule = lambda s: lr_lambda(s, self.total, warmup)  # noqa: E731
 
         self.state = {"global_step": 0, "best": None, "evals_without_gain": 0}
         self.model = load_model(str(resume_dir / MODEL_DIR) if resume_dir else config["base_model"],
                                 device=self.device)
-        self.model.prompts = {k: v for k, v in (("query", tc["query_prefix"]), ("passage", tc["passage_prefix"])) if v}
+        self.model.prompts = {k: v for k, v in (("query", tc.query_prefix), ("passage", tc.passage_prefix)) if v}
         self.model.train()
-        if tc["engine"] == "deepspeed":
-            self.engine = DeepSpeedEngine(self.model, tc["lr"], schedule, self.world, tc, on_gpu)
+        if tc.engine == "deepspeed":
+            self.engine = DeepSpeedEngine(self.model, tc.lr, schedule, self.world, tc, on_gpu)
         else:
-            self.engine = PlainEngine(self.model, tc["lr"], schedule, self.world, bf16=on_gpu,
-                                      max_grad_norm=tc["max_grad_norm"], weight_decay=tc["weight_decay"])
+            self.engine = PlainEngine(self.model, tc.lr, schedule, self.world, bf16=on_gpu,
+                                      max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay)
         if resume_dir:  # continue exactly: optimiser moments, schedule, dropout RNG, sampler position
             self.state = json.loads((resume_dir / TRAINER_STATE).read_text())
             self.engine.load_state(resume_dir / ENGINE_DIR)
             load_rng(resume_dir / RNG_DIR / f"rank{self.rank}.pt")
 
-        self.val = ValidationSet(pq.read_table(config["val_path"]).to_pylist(), tc["val_max_queries"]) \
+        self.val = ValidationSet(pq.read_table(config["val_path"]).to_pylist(), tc.val_max_queries) \
             if config.get("val_path") else None
         self.log_path = Path(config["log_path"])
         self.writer = None
@@ -234,30 +237,31 @@ class Worker:
 
             self.writer = SummaryWriter(config["tensorboard_dir"])
             self.log({"event": "start", "global_step": self.state["global_step"], "world": self.world,
-                      "engine": tc["engine"], "global_batch": self.sampler.global_batch,
+                      "engine": tc.engine, "global_batch": self.sampler.global_batch,
                       "steps_per_epoch": self.sampler.steps_per_epoch})
 
     def log(self, record: dict) -> None:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def encode(self, texts: list[str], kind: int):
-        """kind 0: queries, 1: passages (their prefix and max length). Passages are embedded in groups of
+    def encode(self, texts: list[str], kind: str):
+        """kind 'query' or 'passage' (their prefix and max length). Passages are embedded in groups of
         similar length (less padding: a step's passages mix short and long texts), in their given order."""
         import torch
 
         size = self.sampler.per_worker
-        if kind == 0 or len(texts) <= size:
+        if kind == "query" or len(texts) <= size:
             return self._embed(texts, kind)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         parts = [self._embed([texts[i] for i in order[j:j + size]], kind) for j in range(0, len(texts), size)]
         return torch.cat(parts)[torch.argsort(torch.tensor(order))]
 
-    def _embed(self, texts: list[str], kind: int):
+    def _embed(self, texts: list[str], kind: str):
         import torch
 
-        prefix = (self.tc["query_prefix"], self.tc["passage_prefix"])[kind]
-        self.model.max_seq_length = (self.tc["max_query_tokens"], self.tc["max_passage_tokens"])[kind]
+        query = kind == "query"
+        prefix = self.tc.query_prefix if query else self.tc.passage_prefix
+        self.model.max_seq_length = self.tc.max_query_tokens if query else self.tc.max_passage_tokens
         features = self.model.preprocess([prefix + t for t in texts])
         features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
         return torch.nn.functional.normalize(self.engine.forward(features)["sentence_embedding"].float(), dim=-1)
@@ -269,17 +273,17 @@ class Worker:
 
         tc = self.tc
         parts = [[self.rows[i] for i in self.sampler.worker_rows(batch, w)] for w in range(self.world)]
-        layout = StepLayout.build(parts, tc["negatives_per_query"])
+        layout = StepLayout.build(parts, tc.negatives_per_query)
         queries, passages = [r["query"] for r in parts[self.rank]], layout.passages[self.rank]
 
         def loss_fn(q, p):
-            return info_nce(q, p, layout, self.rank, self.world, tc["loss_temperature"], tc["symmetric"])
+            return info_nce(q, p, layout, self.rank, self.world, tc.loss_temperature, tc.symmetric)
 
-        if tc["grad_cache_chunk"]:
+        if tc.grad_cache_chunk:
             loss = grad_cache_step(self.encode, queries, passages, loss_fn, self.engine.backward,
-                                   tc["grad_cache_chunk"], self.seed + self.state["global_step"])
+                                   tc.grad_cache_chunk, self.seed + self.state["global_step"])
         else:
-            loss_t = loss_fn(self.encode(queries, 0), self.encode(passages, 1))
+            loss_t = loss_fn(self.encode(queries, "query"), self.encode(passages, "passage"))
             self.engine.backward(loss_t)
             loss = float(loss_t.item())
         self.engine.step()
@@ -303,7 +307,7 @@ class Worker:
                 self.state["best"], self.state["evals_without_gain"] = score, 0
             else:
                 self.state["evals_without_gain"] += 1
-            patience = self.tc["early_stopping_patience"]
+            patience = self.tc.early_stopping_patience
             stop = bool(patience) and self.state["evals_without_gain"] >= patience
             self.writer.add_scalar("val/ndcg@10", score, self.state["global_step"])
             self.log({"event": "val", "global_step": self.state["global_step"], "ndcg@10": score, "early_stop": stop})
@@ -326,7 +330,7 @@ class Worker:
             if self.rank == 0:
                 # encode() switches the max length between queries and passages; save the longer one, the
                 # length every later user of the model (eval, export, serving) should embed passages with.
-                self.model.max_seq_length = max(self.tc["max_query_tokens"], self.tc["max_passage_tokens"])
+                self.model.max_seq_length = max(self.tc.max_query_tokens, self.tc.max_passage_tokens)
                 self.model.save(str(folder / MODEL_DIR), safe_serialization=True)
                 (folder / TRAINER_STATE).write_text(json.dumps(self.state))
             self.report(metrics, folder)
@@ -341,10 +345,10 @@ class Worker:
         self.writer.add_scalar("train/examples_per_s", record["examples_per_s"], step)
 
     def run(self) -> None:
-        per_epoch, every = self.sampler.steps_per_epoch, self.tc["checkpoint_every_steps"]
+        per_epoch, every = self.sampler.steps_per_epoch, self.tc.checkpoint_every_steps
         losses = []
         start_epoch, done_in_epoch = divmod(self.state["global_step"], per_epoch)
-        for epoch in range(start_epoch, self.tc["epochs"]):
+        for epoch in range(start_epoch, self.tc.epochs):
             for batch in self.sampler.epoch(epoch)[done_in_epoch if epoch == start_epoch else 0:]:
                 t0 = time.perf_counter()
                 losses.append(self.train_step(batch))
@@ -450,7 +454,7 @@ def run_stage(cfg, run, rec) -> None:
     check_resources("train", [per_worker] * tc.num_workers)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": tc.model_dump(), "seed": cfg.seed, "base_model": resolve_embedder(tc.base_model),
+        train_loop_config={"train": tc, "seed": cfg.seed, "base_model": resolve_embedder(tc.base_model),
                            "train_path": str(train_path), "val_path": str(val_path) if has_val else None,
                            "log_path": str(log_path), "tensorboard_dir": str(rec.dir / "tensorboard")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,

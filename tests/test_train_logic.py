@@ -195,12 +195,12 @@ def test_grad_cache_replays_dropout_in_train_mode(base_model, device):
     def reference(seed):
         """The same chunks under the same seeds, one graph end to end: what GradCache must equal."""
         embs = []
-        for kind, texts in ((0, queries), (1, passages)):
+        for kind, texts in (("query", queries), ("passage", passages)):
             for i in range(0, len(texts), 4):
                 with torch.random.fork_rng(devices=[0] if device == "cuda" else []):
-                    torch.manual_seed(seed * 100_003 + i * 2 + kind)
+                    torch.manual_seed(seed * 100_003 + i * 2 + ("query", "passage").index(kind))
                     embs.append((kind, encode(texts[i:i + 4], kind)))
-        loss = loss_fn(torch.cat([e for k, e in embs if k == 0]), torch.cat([e for k, e in embs if k == 1]))
+        loss = loss_fn(torch.cat([e for k, e in embs if k == "query"]), torch.cat([e for k, e in embs if k == "passage"]))
         loss.backward()
         return loss.item(), grads()
 
