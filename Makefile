@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(BIN)/retrofit run --corpus sample --out runs/demo
 
 test: $(STAMP) $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf runs .pytest_cache
