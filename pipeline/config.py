@@ -133,6 +133,24 @@ class PrepConfig(Section):
     eval_set_root: str | None = Field(None, description="Where fixed evaluation sets are kept "
                                       "(default: ~/.cache/retrofit/eval_sets).")
 
+    @field_validator("judge", "query_judge")
+    @classmethod
+    def _judge_choice(cls, spec: str, info):
+        # Checked here, not when prep reaches its judge after SDG's hours: a typo fails at load.
+        if spec in ("none", "llm") or (spec.startswith("llm:") and len(spec) > 4):
+            return spec
+        if not Path(spec).is_dir():
+            raise ValueError(f"{info.field_name} {spec!r} must be 'none', 'llm', 'llm:MODEL' (a packaged LLM name or "
+                             "folder) or an existing cross-encoder folder")
+        return spec
+
+    @field_validator("mining_model")
+    @classmethod
+    def _mining_model_choice(cls, spec: str):
+        if spec != "base" and not Path(spec).is_dir():
+            raise ValueError(f"mining_model {spec!r} must be 'base' (train.base_model) or an existing model folder")
+        return spec
+
     @model_validator(mode="after")
     def _fractions_leave_training(self):
         if self.val_fraction + self.test_fraction >= 1.0:

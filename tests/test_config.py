@@ -100,3 +100,13 @@ def test_a_renamed_setting_names_its_new_name(tmp_path, old, new):
     with pytest.raises(ConfigError, match=f"(?s)old.yaml.*{old.split('=')[0]} was renamed"):
         load_config(path, [])
     assert load_config(None, ["train.loss_temperature=0.1"]).train.loss_temperature == 0.1
+
+
+@pytest.mark.parametrize("setting, words", [("prep.judge=crossencoder-typo", "prep.judge"),
+                                            ("prep.query_judge=LLM", "must be 'none', 'llm'"),
+                                            ("prep.mining_model=/no/such/model", "mining_model")])
+def test_judge_and_mining_model_choices_fail_at_load(setting, words):
+    """These were small string languages checked only when prep reached them, after hours of SDG."""
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, [setting])
+    assert load_config(None, ["prep.judge=llm", "prep.query_judge=llm:smollm2", "prep.mining_model=base"])
