@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.errors import RetrofitError
 
+
 def passage_text(title: str, text: str) -> str:
     """How a chunk is shown to embedders everywhere (BEIR's convention: title, space, text)."""
     return f"{title} {text}".strip() if title else text

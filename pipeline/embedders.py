@@ -11,6 +11,7 @@ import numpy as np
 
 from serve.client import embed
 
+
 def load_model(model_path: str, device: str | None = None):
     from sentence_transformers import SentenceTransformer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def build_index(chunk_emb: np.ndarray, kind: str = "flat", *, exact_max: int = 100_000, nprobe: int = 32,
                 ef_search: int = 128, use_gpu: bool = True):
     """A FAISS inner-product index over the chunks (embeddings are normalised, so scores are cosines) and

@@ -16,6 +16,7 @@ from pipeline.encode import encode_parquet
 from pipeline.index import build_index, search
 from pipeline.lexical import bm25_run, rrf
 
+
 def retrieve(model_path: str, corpus: list[dict], queries: dict[str, str], qids: list[str], top_k: int,
              cache: Path, batch_size: int) -> dict[str, dict[str, float]]:
     """Top-k documents per query, scored by cosine, for one model (any spec `make_encoder` takes)."""
