@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help="Text to embed.")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="Endpoint base URL.")
 
+    p = sub.add_parser("migrate", help="Keep a run folder made by an older Retrofit (config schema 1).",
+                       description="Stages made under config schema 1 (whose identity left default settings "
+                                   "out) stop a run rather than be redone silently. This keeps them: it "
+                                   "rewrites RUN_DIR/config.yaml in today's setting names and records each "
+                                   "stage under that config, which you vouch is what made them. --config/--set "
+                                   "replace the folder's config.yaml.")
+    _common(p, force_flag=False)
+
     p = sub.add_parser("config", help="Show the resolved configuration.", description="Configuration tools.")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="Print the resolved config (defaults <- profile <- file <- --set).")
@@ -175,6 +183,28 @@ def _eval_beir(args, cfg) -> None:
         print(f"wrote {out}")
 
 
+def _migrate(args) -> None:
+    import yaml
+
+    from pipeline import runner
+    from pipeline.config import dump_config, load_config, upgrade_config_data
+    from pipeline.rundir import RunDir
+
+    run = RunDir(args.out)
+    saved = run.root / "config.yaml"
+    if not args.config and not args.overrides:
+        if not saved.exists():
+            raise RetrofitError(f"{saved} is missing: give the run's settings with --config/--set")
+        data = upgrade_config_data(yaml.safe_load(saved.read_text()) or {})
+        saved.write_text(yaml.safe_dump(data, sort_keys=False))
+        cfg = load_config(saved)
+    else:
+        cfg = _config(args)
+    saved.write_text(dump_config(cfg))
+    adopted = runner.adopt(cfg, run)
+    print(f"{run.root}: " + (f"kept {', '.join(adopted)} under today's identity" if adopted else "nothing to migrate"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -202,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(submit.logs(args.address, args.job_id), end="")
             else:
                 print("stopped" if submit.stop(args.address, args.job_id) else "already finished")
+            return 0
+        if args.command == "migrate":
+            _migrate(args)
             return 0
         cfg = _config(args)
         if args.command == "submit":

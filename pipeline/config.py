@@ -333,6 +333,24 @@ RENAMED = {
 }
 
 
+def upgrade_config_data(data: dict) -> dict:
+    """A config mapping written before schema 2, in today's names (what `retrofit migrate` does to a run
+    folder's config.yaml); a value the new names cannot hold is an error naming it."""
+    data = json.loads(json.dumps(data))  # a copy
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    if "temperature" in train:
+        train["loss_temperature"] = train.pop("temperature")
+    if "seed" in train:
+        seed = train.pop("seed")
+        if seed != data.get("seed", seed):
+            raise ConfigError(f"train.seed {seed} differs from seed {data['seed']}: the run now has one seed; "
+                              "set `seed` to the one you want")
+        data.setdefault("seed", seed)
+    if "lr_preset" in train:
+        train["lr"] = train.get("lr", 2e-5) * {"default": 1.0, "half": 0.5, "double": 2.0}[train.pop("lr_preset")]
+    return data
+
+
 def _check_renamed(data: dict, source: str) -> None:
     for old, new in RENAMED.items():
         section, name = old.split(".")

@@ -90,7 +90,8 @@ def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) 
         # Redoing it deletes it (hours of SDG, say), so that is the user's call, never a side effect.
         raise RetrofitError(f"{folder} was made by an older Retrofit (config schema {old.config_schema or 1}, now "
                             f"{CONFIG_SCHEMA}) whose stage identity left settings at their defaults out; it cannot "
-                            f"be checked against this run's settings. Redo it with --force {name} (deletes it) or "
+                            f"be checked against this run's settings. Keep it with `retrofit migrate --out {run.root}` "
+                            f"(you vouch its settings are this run's), redo it with --force {name} (deletes it), or "
                             "write this run to a new --out folder")
     stale = old is not None and (old.config_hash != stage_hash or old.inputs != inputs)
     if force or stale:  # never mix old shards with new settings; say what goes before it goes
@@ -112,6 +113,21 @@ def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) 
         MODULES[name].run_stage(cfg, run, rec)
     print(f"[{name}] completed in {time.perf_counter() - t0:.1f}s", flush=True)
     return "completed"
+
+
+def adopt(cfg: RetrofitConfig, run: RunDir) -> list[str]:
+    """Give stages written under an older config schema today's identity for `cfg`, keeping their output
+    (`retrofit migrate`). Only on the user's word: they vouch that `cfg` is what made them."""
+    adopted = []
+    for name in BATCH_STAGES:
+        old = run.read_manifest(name)
+        if old is None or old.config_schema == CONFIG_SCHEMA:
+            continue
+        old.config_hash, old.config_schema = config_hash(name, cfg), CONFIG_SCHEMA
+        old.settings = cfg.section_settings(*READS[name])
+        run.write_manifest(old)
+        adopted.append(name)
+    return adopted
 
 
 def run_all(cfg: RetrofitConfig, run: RunDir, stages=BATCH_STAGES, force: set[str] = frozenset()) -> dict[str, str]:

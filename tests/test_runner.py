@@ -81,6 +81,37 @@ def test_a_stage_made_under_the_old_identity_is_never_deleted_silently(tmp_path)
     assert sorted(p.name for p in (run.root / "prep").iterdir()) == before
     assert run_stage("prep", cfg, run, force=True) == "completed"
 
+
+def test_migrate_keeps_an_old_run_folder_on_the_users_word(tmp_path, capsys):
+    """`retrofit migrate` translates the folder's old config.yaml (train.temperature, train.seed) and keeps
+    its stages: the next run skips them instead of stopping or redoing them."""
+    import json
+
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.config import dump_config, load_config
+    from pipeline.runner import run_stage
+    from test_prep import _fake_run
+
+    run = _fake_run(tmp_path / "r", 1, "what is")
+    cfg = load_config(None, ["prep.fixed_eval_set=false", "prep.num_negatives=2"])
+    run_stage("prep", cfg, run)
+    manifest = json.loads(run.manifest_path("prep").read_text())
+    for key in ("config_schema", "settings"):
+        del manifest[key]
+    manifest["config_hash"] = "0123456789abcdef"
+    run.manifest_path("prep").write_text(json.dumps(manifest))
+    old_config = yaml.safe_load(dump_config(cfg))
+    old_config["train"]["temperature"] = old_config["train"].pop("loss_temperature")  # as schema 1 wrote it
+    old_config["train"]["seed"] = old_config["seed"]
+    (run.root / "config.yaml").write_text(yaml.safe_dump(old_config))
+
+    assert main(["migrate", "--out", str(run.root)]) == 0
+    assert "kept corpus, sdg, prep under today's identity" in capsys.readouterr().out
+    assert load_config(run.root / "config.yaml") == cfg
+    assert run_stage("prep", cfg, run) == "skipped"
+
 def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
