@@ -12,6 +12,9 @@ from pathlib import Path
 from pipeline.errors import RetrofitError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers draws a "Loading weights" bar for every model it loads (merge loads several): noise on a
+# console that shows each stage's own progress. Models load from local folders; there are no downloads.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 DEMO_QUERY = "How do I serialize a Python object to a JSON formatted string?"
 
