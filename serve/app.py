@@ -128,7 +128,7 @@ class EmbeddingService:
             prefix = self.embedder.prompts.get(input_type, "")
             texts = [prefix + t for t in texts]
         # The model reads at most max_seq_length tokens: count them, never cut silently.
-        ids = self.embedder.tok(texts, add_special_tokens=False, truncation=False)["input_ids"]
+        ids = self.embedder.token_ids(texts)
         room = self.room
         over = [i for i, x in enumerate(ids) if len(x) > room]
         if over and truncate == "NONE":
@@ -136,7 +136,7 @@ class EmbeddingService:
                                "(send 'truncate': 'END' or 'START' to cut it instead)")
         for i in over:
             if truncate == "START":  # keep the end of the text (the ONNX tokenizer cuts the end otherwise)
-                texts[i] = self.embedder.tok.decode(ids[i][-room:])
+                texts[i] = self.embedder.decode(ids[i][-room:])
         n_tokens = sum(min(len(x), room) + self.special_tokens for x in ids)
         return texts, fmt, n_tokens
 

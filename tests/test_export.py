@@ -96,3 +96,35 @@ def test_int8_variant_stays_close_to_fp32(exported, tmp_path):
     assert (int8 / "model.onnx").stat().st_size < 0.5 * (exported / "model.onnx").stat().st_size
     a, b = OnnxEmbedder(exported).encode(TEXTS), OnnxEmbedder(int8).encode(TEXTS)
     assert np.min(np.sum(a * b, axis=1)) > 0.97  # close, but not identical: the loss is measured, not assumed
+
+
+
+def test_one_embedder_serves_several_threads_at_once(exported):
+    """The endpoint embeds in worker threads (a lone request beside a batch) while its event loop counts
+    tokens. A fast tokenizer holds its padding/truncation setting as state: shared across threads without
+    a lock it returned ragged, unpadded ids ("setting an array element with a sequence", HTTP 500s)."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    emb = OnnxEmbedder(exported)
+    texts = [("router firmware " * (1 + (i * 7) % 60)).strip() for i in range(48)]
+    want = emb.encode(texts, batch_size=8)
+    want_ids = emb.token_ids(texts)
+
+    def job(k):
+        if k % 2:
+            return emb.token_ids(texts)
+        return emb.encode(texts[k % 12::6], batch_size=4)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so an unguarded interleaving shows up at once
+    try:
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            results = list(pool.map(job, range(120)))
+    finally:
+        sys.setswitchinterval(interval)
+    for k, got in enumerate(results):
+        if k % 2:
+            assert got == want_ids
+        else:
+            np.testing.assert_allclose(got, want[k % 12::6], atol=1e-5)
