@@ -3,6 +3,7 @@ CPU, CUDA or TensorRT) or a served endpoint's URL, behind one `encode(texts, kin
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -66,10 +67,10 @@ class OnnxEmbedder:
 
         export_dir = Path(export_dir)
         self.info = json.loads((export_dir / "export.json").read_text())
-        self.tok = AutoTokenizer.from_pretrained(str(export_dir))
-        # A fast tokenizer keeps its padding/truncation setting as state between calls: threads that share
-        # it (a server's) take turns, or one call's ids come back cut or padded by another's setting.
-        self.tok_lock = threading.Lock()
+        # A fast tokenizer keeps its padding/truncation setting as state between calls: threads sharing one
+        # (a server's) get ids cut or padded by another call's setting. Each thread gets its own copy.
+        self._tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+        self._per_thread = threading.local()
         self.prompts = self.info.get("prompts") or {}
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -90,23 +91,28 @@ class OnnxEmbedder:
         out = np.zeros((len(texts), self.dimension), np.float32)
         for i in range(0, len(texts), batch_size):
             idx = order[i:i + batch_size]
-            with self.tok_lock:
-                enc = self.tok([texts[j] for j in idx], padding=True, truncation=True,
-                               max_length=self.info["max_seq_length"], return_tensors="np")
+            enc = self.tok([texts[j] for j in idx], padding=True, truncation=True,
+                           max_length=self.info["max_seq_length"], return_tensors="np")
             feeds = {"input_ids": enc["input_ids"].astype(np.int64),
                      "attention_mask": enc["attention_mask"].astype(np.int64),
                      "token_type_ids": enc.get("token_type_ids", np.zeros_like(enc["input_ids"])).astype(np.int64)}
             out[idx] = self.session.run(["sentence_embedding"], feeds)[0]
         return out
 
+    @property
+    def tok(self):
+        """This thread's tokenizer."""
+        tok = getattr(self._per_thread, "tok", None)
+        if tok is None:
+            tok = self._per_thread.tok = copy.deepcopy(self._tokenizer)
+        return tok
+
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, uncut and without special tokens (what an endpoint counts)."""
-        with self.tok_lock:
-            return self.tok(texts, add_special_tokens=False, truncation=False)["input_ids"]
+        return self.tok(texts, add_special_tokens=False, truncation=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        with self.tok_lock:
-            return self.tok.decode(ids)
+        return self.tok.decode(ids)
 
 
 class _SentenceTransformerEncoder:

@@ -101,8 +101,9 @@ def test_int8_variant_stays_close_to_fp32(exported, tmp_path):
 
 def test_one_embedder_serves_several_threads_at_once(exported):
     """The endpoint embeds in worker threads (a lone request beside a batch) while its event loop counts
-    tokens. A fast tokenizer holds its padding/truncation setting as state: shared across threads without
-    a lock it returned ragged, unpadded ids ("setting an array element with a sequence", HTTP 500s)."""
+    tokens. A fast tokenizer holds its padding/truncation setting as state: one shared across threads
+    returned ragged, unpadded ids ("setting an array element with a sequence", HTTP 500s) and padded
+    token counts."""
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
