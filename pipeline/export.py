@@ -12,7 +12,9 @@ by itself gives final embeddings to any ONNX runtime.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +70,17 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
     axes = {0: "batch", 1: "sequence"}
-    torch.onnx.export(module, (sample["input_ids"], sample["attention_mask"], sample["token_type_ids"]),
-                      str(onnx_path), input_names=["input_ids", "attention_mask", "token_type_ids"],
-                      output_names=["sentence_embedding"], opset_version=opset, dynamo=False,
-                      dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
-                                    "sentence_embedding": {0: "batch"}})
+    # The tracer warns about every data-dependent branch in transformers' attention code; none of them
+    # applies to this graph, and the parity gate (the stage's real check) compares it with torch on real
+    # texts. Left on, they are screens of "might be incorrect" on the console of every run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        torch.onnx.export(module, (sample["input_ids"], sample["attention_mask"], sample["token_type_ids"]),
+                          str(onnx_path), input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["sentence_embedding"], opset_version=opset, dynamo=False,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
+                                        "sentence_embedding": {0: "batch"}})
     tok.save_pretrained(out_dir)
     optimize_onnx(onnx_path, out_dir / OPTIMIZED)
     # The model's prompts (e.g. {"query": "query: "}) travel with it: serving applies them by input_type.
@@ -105,8 +113,16 @@ def quantize_int8(export_dir: str | Path, out_dir: str | Path) -> Path:
     shutil.rmtree(out_dir, ignore_errors=True)
     # The fp32 TensorRT engine cache stays behind: 'auto' would load an engine built for the fp32 graph.
     shutil.copytree(export_dir, out_dir, ignore=shutil.ignore_patterns("model.onnx", OPTIMIZED, "trt_cache"))
-    quantize_dynamic(export_dir / "model.onnx", out_dir / "model.onnx", per_channel=True,
-                     weight_type=QuantType.QInt8)
+    # It advises "pre-processing" (shape inference for static quantization) on the root logger; dynamic
+    # int8 does not need it, and the int8 check below measures the result.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(export_dir / "model.onnx", out_dir / "model.onnx", per_channel=True,
+                         weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     optimize_onnx(out_dir / "model.onnx", out_dir / OPTIMIZED)
     info = json.loads((out_dir / "export.json").read_text())
     (out_dir / "export.json").write_text(json.dumps({**info, "quantization": "int8-dynamic-per-channel"}, indent=2))

@@ -2,6 +2,7 @@ import json
 import shutil
 
 import numpy as np
+import torch
 import pytest
 
 from pipeline.embedders import OnnxEmbedder
@@ -129,3 +130,22 @@ def test_one_embedder_serves_several_threads_at_once(exported):
             assert got == want_ids
         else:
             np.testing.assert_allclose(got, want[k % 12::6], atol=1e-5)
+
+
+
+def test_export_and_int8_keep_the_console_quiet(base_model, tmp_path, caplog):
+    """Tracer warnings ("might cause the trace to be incorrect") and ONNX Runtime's pre-processing advice
+    filled the console of every run, where a user reads them as failures; the parity gate is the check."""
+    import logging
+    import warnings
+
+    from pipeline.export import quantize_int8
+
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        export_onnx(base_model, tmp_path / "onnx", opset=17)
+        quantize_int8(tmp_path / "onnx", tmp_path / "int8")
+    noisy = [str(w.message)[:80] for w in shown
+             if issubclass(w.category, torch.jit.TracerWarning) or "aten::index" in str(w.message)]
+    assert not noisy, noisy
+    assert "pre-processing" not in caplog.text
