@@ -4,10 +4,20 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def relative_paths(text: str) -> str:
+    """This machine's absolute paths under the repository (and its parent, where ../shared lives) written
+    relative to the repository root, so a committed result names no one's home folder."""
+    # Only where a path starts (a JSON string, or a `--set key=value`): "benchmarks/work/" stays as it is.
+    text = re.sub(rf'(?<=["=]){re.escape(str(ROOT))}/', "", text)
+    return re.sub(rf'(?<=["=]){re.escape(str(ROOT.parent))}/', "../", text)
 
 
 def machine() -> dict:
@@ -30,5 +40,5 @@ def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **payload}
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    path.write_text(relative_paths(json.dumps(payload, indent=2, default=str)))
     return path
