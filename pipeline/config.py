@@ -17,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import RetrofitError
 
 
-# Where and on how many actors a stage runs (an LLM server's address included): changing these never
-# changes a stage's output, so they are not part of its identity.
 # What a stage's identity is made of. 1: settings left at their defaults were not hashed (a changed default
 # went unnoticed); 2: every setting, recorded in the manifest. Run folders of another schema are not reused.
 CONFIG_SCHEMA = 2
 
+# Where and on how many actors a stage runs (an LLM server's address included): changing these never
+# changes a stage's output, so they are not part of its identity.
 PLACEMENT = {"num_actors", "cpus_per_actor", "gpus_per_actor", "resources", "max_failures", "openai_base_url",
              "openai_concurrency", "openai_timeout_s", "openai_max_retries", "openai_api_key_env", "fallback_backend"}
 
@@ -347,7 +347,8 @@ def upgrade_config_data(data: dict) -> dict:
                               "set `seed` to the one you want")
         data.setdefault("seed", seed)
     if "lr_preset" in train:
-        train["lr"] = train.get("lr", 2e-5) * {"default": 1.0, "half": 0.5, "double": 2.0}[train.pop("lr_preset")]
+        scale = {"default": 1.0, "half": 0.5, "double": 2.0}[train.pop("lr_preset")]
+        train["lr"] = train.get("lr", TrainConfig.model_fields["lr"].default) * scale
     return data
 
 

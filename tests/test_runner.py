@@ -57,11 +57,20 @@ def test_a_changed_setting_is_named_before_the_stage_is_redone(tmp_path, capsys)
     assert "[prep] its settings changed (prep.num_negatives 2 -> 3): deleting" in capsys.readouterr().out
 
 
+def _as_written_by_schema_1(run, stage: str) -> None:
+    """Rewrite a stage's manifest the way Retrofit wrote it before config schema 2."""
+    import json
+
+    manifest = json.loads(run.manifest_path(stage).read_text())
+    for key in ("config_schema", "settings"):  # what a schema-1 manifest lacks
+        del manifest[key]
+    manifest["config_hash"] = "0123456789abcdef"  # its hash left defaults out: never today's
+    run.manifest_path(stage).write_text(json.dumps(manifest))
+
+
 def test_a_stage_made_under_the_old_identity_is_never_deleted_silently(tmp_path):
     """Schema 1 hashed only non-default settings, so a changed default went unnoticed: an old output can
     not be checked, and redoing it would delete it. The run stops and says how to go on."""
-    import json
-
     from pipeline.config import load_config
     from pipeline.errors import RetrofitError
     from pipeline.runner import run_stage
@@ -70,11 +79,7 @@ def test_a_stage_made_under_the_old_identity_is_never_deleted_silently(tmp_path)
     run = _fake_run(tmp_path / "r", 1, "what is")
     cfg = load_config(None, ["prep.fixed_eval_set=false", "prep.num_negatives=2"])
     run_stage("prep", cfg, run)
-    manifest = json.loads(run.manifest_path("prep").read_text())
-    for key in ("config_schema", "settings"):  # what a schema-1 manifest lacks
-        del manifest[key]
-    manifest["config_hash"] = "0123456789abcdef"
-    run.manifest_path("prep").write_text(json.dumps(manifest))
+    _as_written_by_schema_1(run, "prep")
     before = sorted(p.name for p in (run.root / "prep").iterdir())
     with pytest.raises(RetrofitError, match="older Retrofit .* --force prep"):
         run_stage("prep", cfg, run)
@@ -85,8 +90,6 @@ def test_a_stage_made_under_the_old_identity_is_never_deleted_silently(tmp_path)
 def test_migrate_keeps_an_old_run_folder_on_the_users_word(tmp_path, capsys):
     """`retrofit migrate` translates the folder's old config.yaml (train.temperature, train.seed) and keeps
     its stages: the next run skips them instead of stopping or redoing them."""
-    import json
-
     import yaml
 
     from pipeline.cli import main
@@ -97,11 +100,7 @@ def test_migrate_keeps_an_old_run_folder_on_the_users_word(tmp_path, capsys):
     run = _fake_run(tmp_path / "r", 1, "what is")
     cfg = load_config(None, ["prep.fixed_eval_set=false", "prep.num_negatives=2"])
     run_stage("prep", cfg, run)
-    manifest = json.loads(run.manifest_path("prep").read_text())
-    for key in ("config_schema", "settings"):
-        del manifest[key]
-    manifest["config_hash"] = "0123456789abcdef"
-    run.manifest_path("prep").write_text(json.dumps(manifest))
+    _as_written_by_schema_1(run, "prep")
     old_config = yaml.safe_load(dump_config(cfg))
     old_config["train"]["temperature"] = old_config["train"].pop("loss_temperature")  # as schema 1 wrote it
     old_config["train"]["seed"] = old_config["seed"]
