@@ -110,3 +110,14 @@ def test_judge_and_mining_model_choices_fail_at_load(setting, words):
     with pytest.raises(ConfigError, match=words):
         load_config(None, [setting])
     assert load_config(None, ["prep.judge=llm", "prep.query_judge=llm:smollm2", "prep.mining_model=base"])
+
+
+def test_an_old_config_upgrades_to_todays_names():
+    """What `retrofit migrate` does to a schema-1 config.yaml: same meaning, today's names."""
+    from pipeline.config import upgrade_config_data
+
+    old = {"seed": 13, "train": {"temperature": 0.1, "seed": 13, "lr_preset": "half"}}
+    assert upgrade_config_data(old) == {"seed": 13, "train": {"loss_temperature": 0.1, "lr": 1e-5}}
+    assert old["train"]["temperature"] == 0.1  # the caller's mapping is left alone
+    with pytest.raises(ConfigError, match="train.seed 7 differs from seed 13"):
+        upgrade_config_data({"seed": 13, "train": {"seed": 7}})
