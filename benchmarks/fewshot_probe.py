@@ -39,9 +39,8 @@ def main() -> int:
     examples = [e for e in examples if e]
     rare = rare_example_words(examples, [passage_text(d["title"], d["text"]) for d in corpus])
     cfg = load_config(None, ["sdg.query_types.claim=1", "sdg.query_types.question=0", "sdg.query_types.keyword=0"])
-    sdg = cfg.sdg.model_dump()
-    spec = load_prompts(None, sdg["query_types"])["claim"]
-    engine = make_engine(sdg, cfg.sdg.llm)
+    spec = load_prompts(None, cfg.sdg.query_types)["claim"]
+    engine = make_engine(cfg.sdg)
     texts = [engine.fit_to_context(passage_text(d["title"], d["text"]))[0] for d in docs]
     style = "Users of this collection write queries like these:\n" + "".join(f"- {q}\n" for q in examples)
     layouts = {"none": lambda t: prompt_messages(t, spec),

@@ -125,7 +125,7 @@ def main() -> int:
     # SciFact's human queries are claims, so the LLM writes claims; abstracts mostly fit one 256-token chunk.
     overrides = [f"corpus.path={Path(args.data) / 'corpus.jsonl'}", "corpus.chunk_tokens=256",
                  "corpus.chunk_overlap=32", "sdg.query_types.question=0", "sdg.query_types.keyword=0",
-                 "sdg.query_types.claim=2", "train.cpus_per_worker=2", *args.overrides]
+                 "sdg.query_types.claim=2", "train.placement.cpus_per_worker=2", *args.overrides]
     if args.docs:
         overrides.append(f"corpus.max_docs={args.docs}")
     tag = f"scifact-{args.docs}" if args.docs else "scifact"
@@ -143,7 +143,7 @@ def main() -> int:
     if args.vllm_serve:
         run.root.mkdir(parents=True, exist_ok=True)
         with vllm_server(cfg.sdg.llm, run.root / "vllm-serve.log", args.vllm_kv_cache_gib) as base_url:
-            overrides += ["sdg.backend=openai", f"sdg.openai_base_url={base_url}"]
+            overrides += ["sdg.backend=openai", f"sdg.server.base_url={base_url}"]
             cfg = load_config(args.config, overrides)
             runner.run_all(cfg, run, stages=runner.BATCH_STAGES[:runner.BATCH_STAGES.index("sdg") + 1])
     runner.run_all(cfg, run)  # the SDG stage is up to date by now: the server's address is not in its identity
@@ -153,7 +153,7 @@ def main() -> int:
     merged = run.read_manifest("merge").counts
     if merged["weight"] != 1:  # the model as trained too, to see what merging changed on human queries
         models["fine-tuned, unmerged"] = str(run.root / "train" / "model")
-    result = evaluate_models(args.data, models, 100, run.root / "cache" / "scifact_eval", cfg.eval.batch_size)
+    result = evaluate_models(args.data, models, 100, run.root / "cache" / "scifact_eval", cfg.eval.texts_per_batch)
     human = result.means
     report_dir = run.root / "scifact_human_eval"
     report_dir.mkdir(exist_ok=True)

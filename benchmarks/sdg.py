@@ -49,17 +49,18 @@ def chunks_file(n: int, folder: Path) -> Path:
     return path
 
 
-def sdg_settings(n: int) -> dict:
+def sdg_settings(n: int):
     from pipeline.config import load_config
 
-    cfg = load_config(None, ["sdg.query_types.question=0", "sdg.query_types.keyword=0", f"sdg.query_types.claim={n}"])
-    return cfg.sdg.model_dump()
+    cfg = load_config(None, ["sdg.query_types.question=0", "sdg.query_types.keyword=0", f"sdg.query_types.claim={n}",
+                             "sdg.placement.cpus_per_actor=2"])
+    return cfg.sdg
 
 
 def run_ours(path: Path, n_chunks: int, n: int, work: Path) -> int:
     from pipeline.sdg import QueryGenerator
 
-    gen = QueryGenerator("smollm2", str(path), str(work / "shards"), sdg_settings(n), seed=1, cpus=2)
+    gen = QueryGenerator(str(path), str(work / "shards"), sdg_settings(n), seed=1)
     t0 = time.perf_counter()
     gen.process({"shard_id": 0, "start": 0, "stop": n_chunks})
     return time.perf_counter() - t0
@@ -90,8 +91,8 @@ def run_baseline(path: Path, n_chunks: int, n: int, work: Path) -> float:
         ids = tok(prompt, return_tensors="pt")
         for _ in range(n):
             with torch.inference_mode():
-                model.generate(**ids, max_new_tokens=sdg["max_new_tokens"], do_sample=True,
-                               temperature=sdg["temperature"], top_p=0.9, stop_strings=["\n"], tokenizer=tok,
+                model.generate(**ids, max_new_tokens=sdg.max_new_tokens, do_sample=True,
+                               temperature=sdg.temperature, top_p=0.9, stop_strings=["\n"], tokenizer=tok,
                                pad_token_id=tok.eos_token_id)
     return time.perf_counter() - t0
 

@@ -105,14 +105,14 @@ def in_process(model_path: str, texts: list[str], concurrency: int, model=None) 
     return summarise(latencies, time.perf_counter() - t0)
 
 
-def start_ours(export_dir: Path, port: int, overrides: list[str]) -> subprocess.Popen:
-    settings = [f"serve.port={port}", "serve.cpus_per_replica=2", "serve.max_queued_requests=256", *overrides]
+def start_ours(export_dir: Path, port: int, overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
+    settings = [f"serve.port={port}", "serve.placement.cpus_per_replica=2", "serve.max_queued_requests=256", *overrides]
     code = ("import sys, time; sys.path.insert(0, %r)\n"
             "from pipeline.config import load_config\nfrom pipeline.ray_runtime import ensure_ray\nfrom serve import app\n"
             "cfg = load_config(None, %r)\n"
             "ensure_ray(num_cpus=2)\napp.start(%r, 'minilm', cfg.serve)\nprint('ready', flush=True)\n"
             "while True: time.sleep(60)\n") % (str(ROOT), settings, str(export_dir))
-    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -140,7 +140,11 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=512, help="Requests per concurrency level.")
     ap.add_argument("--skip-infinity", action="store_true")
     ap.add_argument("--set", action="append", default=[], dest="overrides", help="serve.FIELD=VALUE for ours.")
+    ap.add_argument("--env", action="append", default=[], help="NAME=VALUE in our server's environment (Ray's).")
+    ap.add_argument("--concurrency", type=int, action="append", help="Only these levels (default: 1, 4, 16, 64).")
     args = ap.parse_args()
+    levels = args.concurrency or CONCURRENCY
+    env = dict(item.split("=", 1) for item in args.env)
 
     from benchmarks.common import write_result
     from pipeline.embedders import load_model
@@ -158,17 +162,17 @@ def main() -> int:
 
     torch.set_num_threads(2)
     st = load_model(model_path, device="cpu")
-    table["in-process"] = {c: in_process(model_path, texts, c, st) for c in CONCURRENCY}
+    table["in-process"] = {c: in_process(model_path, texts, c, st) for c in levels}
     del st
     servers = [("ours", start_ours, str(export_dir), "/v1/embeddings", "/health")]
     if not args.skip_infinity:
         servers.append(("infinity", start_infinity, model_path, "/embeddings", "/health"))
     for name, start, artifact, route, health in servers:
         port = free_port()
-        proc = start(artifact, port) if name == "infinity" else start(Path(artifact), port, args.overrides)
+        proc = start(artifact, port) if name == "infinity" else start(Path(artifact), port, args.overrides, env)
         try:
             wait_ready(f"http://127.0.0.1:{port}{health}", proc)
-            table[name] = {c: load(f"http://127.0.0.1:{port}{route}", "minilm", texts, c) for c in CONCURRENCY}
+            table[name] = {c: load(f"http://127.0.0.1:{port}{route}", "minilm", texts, c) for c in levels}
         finally:
             stop(proc)
 
@@ -180,11 +184,11 @@ def main() -> int:
     for other in ("infinity", "in-process"):
         if other in table:
             ratios[f"ours/{other}"] = {c: round(table["ours"][c]["requests_per_s"] / table[other][c]["requests_per_s"], 3)
-                                       for c in CONCURRENCY}
+                                       for c in levels}
             print(f"throughput ours/{other}: " + ", ".join(f"c={c}: {v:.2f}" for c, v in ratios[f"ours/{other}"].items()))
     extra = {"ours_over_infinity": ratios["ours/infinity"]} if "ours/infinity" in ratios else {}
     path = write_result("serving", {"requests": args.requests, "table": table, "ratios": ratios, **extra,
-                                    "ours_settings": args.overrides,
+                                    "ours_settings": args.overrides, "ours_env": env,
                                     "command": "benchmarks/serving.py" + (" --skip-infinity" if args.skip_infinity else "")})
     print(f"wrote {path}")
     return 0

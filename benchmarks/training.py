@@ -107,11 +107,11 @@ def train_ours(work: Path, source: Path, workers: int) -> tuple[str, int, float,
 
     run = make_run(source, work / f"ours-{workers}-workers")
     per_worker = SETTINGS["batch_size"] // workers  # the same global batch whatever the worker count
-    cfg = load_config(None, [f"train.batch_size={per_worker}", f"train.epochs={SETTINGS['epochs']}",
+    cfg = load_config(None, [f"train.queries_per_worker={per_worker}", f"train.epochs={SETTINGS['epochs']}",
                              f"train.negatives_per_query={SETTINGS['negatives']}", f"train.lr={SETTINGS['lr']}",
                              f"train.warmup_ratio={SETTINGS['warmup_ratio']}",
                              f"train.loss_temperature={SETTINGS['temperature']}", f"train.num_workers={workers}",
-                             f"train.cpus_per_worker={2 // workers}", "train.keep=last", "ray.num_cpus=2",
+                             f"train.placement.cpus_per_worker={2 // workers}", "train.keep=last", "ray.num_cpus=2",
                              "train.engine=deepspeed"])
     run_stage("train", cfg, run, force=True)
     log = [json.loads(x) for x in (run.root / "train" / "train_log.jsonl").read_text().splitlines()]

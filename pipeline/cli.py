@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help="Text to embed.")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="Endpoint base URL.")
 
-    p = sub.add_parser("migrate", help="Keep a run folder made by an older Retrofit (config schema 1).",
+    p = sub.add_parser("migrate", help="Keep a run folder made by an older Retrofit (an older config schema).",
                        description="Stages made under config schema 1 (whose identity left default settings "
                                    "out) stop a run rather than be redone silently. This keeps them: it "
                                    "rewrites RUN_DIR/config.yaml in today's setting names and records each "
@@ -167,7 +167,7 @@ def _eval_beir(args, cfg) -> None:
     results = {}
     for beir in args.beir:
         name = Path(beir).resolve().name
-        result = evaluate_models(beir, models, cfg.eval.top_k, cache_dir() / "eval", cfg.eval.batch_size)
+        result = evaluate_models(beir, models, cfg.eval.top_k, cache_dir() / "eval", cfg.eval.texts_per_batch)
         print(f"\n{name} ({len(result.data.qrels)} queries, {len(result.data.corpus)} documents)")
         print(format_table(result.means))
         results[name] = result.means

@@ -18,18 +18,95 @@ from pipeline.errors import RetrofitError
 
 
 # What a stage's identity is made of. 1: settings left at their defaults were not hashed (a changed default
-# went unnoticed); 2: every setting, recorded in the manifest. Run folders of another schema are not reused.
-CONFIG_SCHEMA = 2
-
-# Where and on how many actors a stage runs (an LLM server's address included): changing these never
-# changes a stage's output, so they are not part of its identity.
-PLACEMENT = {"num_actors", "cpus_per_actor", "gpus_per_actor", "resources", "max_failures", "openai_base_url",
-             "openai_concurrency", "openai_timeout_s", "openai_max_retries", "openai_api_key_env", "fallback_backend"}
+# went unnoticed); 2: every setting, recorded in the manifest; 3: placement in sub-models, batch sizes named
+# by their unit, one name for the LLM. Run folders of another schema are not reused (`retrofit migrate`).
+CONFIG_SCHEMA = 3
 
 
 class Section(BaseModel):
     # Unknown keys are typos, not extensions: reject them so `lerning_rate: 1e-5` is not silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Placement(Section):
+    """Where a stage runs, on how many processes, and how it reaches its servers. Never part of a stage's
+    identity (the same work on more actors, other nodes or another server gives the same output): every
+    field that is a Placement is left out of the hash, so the structure says what counts."""
+
+
+class ActorPlacement(Placement):
+    num_actors: int = Field(1, ge=1, description="Ray actors working through the shards.")
+    cpus_per_actor: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor "
+                                        "(e.g. {gpu_node: 1}) to pin the stage to matching nodes.")
+
+
+class SDGPlacement(ActorPlacement):
+    num_actors: int = Field(1, ge=1, description="LLM actors (one engine each).")
+    fallback_backend: Literal["transformers"] | None = Field(
+        None, description="Used, with a warning, when sdg.backend cannot start on this machine (unset: fail with "
+        "the reason). Each shard records the backend that wrote it, and one run never mixes two.")
+
+
+class LLMServer(Placement):
+    """The OpenAI-compatible server that sdg.backend 'openai' sends requests to (it serves sdg.llm)."""
+    base_url: str = Field("http://127.0.0.1:8001/v1", description="API base URL (a `vllm serve`, a NIM).")
+    api_key_env: str = Field("RETROFIT_LLM_API_KEY", description="Environment variable holding the API key "
+                             "(the key itself is never put in the config or logs).")
+    concurrency: int = Field(8, ge=1, description="Requests in flight per actor.")
+    timeout_s: float = Field(120.0, gt=0.0)
+    max_retries: int = Field(5, ge=0, description="Retries (exponential backoff) on 429/5xx/timeouts.")
+
+
+class WorkerPlacement(Placement):
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per training worker.")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts (from the latest checkpoint) allowed.")
+
+
+class ReplicaPlacement(Placement):
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0.0)
+    gpus_per_replica: float = Field(0.0, ge=0.0)
+    autoscaling: bool = Field(False, description="Scale replicas between min_replicas and max_replicas on load.")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(16.0, gt=0.0, description="Autoscaling target per replica.")
+
+    @model_validator(mode="after")
+    def _replica_range(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class JudgeChoice(Section):
+    """Who gives a second opinion on (query, passage) pairs. Short forms (a YAML string or --set value):
+    'none', 'llm' (the sdg.llm), 'llm:MODEL' (another LLM) or a cross-encoder folder."""
+    kind: Literal["none", "llm", "cross_encoder"] = "none"
+    model: str | None = Field(None, description="kind 'llm': a packaged LLM name or folder (unset: sdg.llm); kind "
+                              "'cross_encoder': its folder (sentence-transformers CrossEncoder layout).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value):
+        if not isinstance(value, str):
+            return value
+        if value in ("none", "llm"):
+            return {"kind": value}
+        if value.startswith("llm:"):
+            return {"kind": "llm", "model": value[4:] or None}
+        return {"kind": "cross_encoder", "model": value}
+
+    @model_validator(mode="after")
+    def _model_fits_kind(self):
+        # Checked at load, not when prep reaches its judge after SDG's hours: a typo fails at once.
+        if self.kind == "none" and self.model:
+            raise ValueError(f"kind 'none' takes no model (got {self.model!r})")
+        if self.kind == "cross_encoder" and not (self.model and Path(self.model).is_dir()):
+            raise ValueError(f"{self.model!r} is not an existing cross-encoder folder; a judge must be 'none', 'llm', "
+                             "'llm:MODEL' (a packaged LLM name or folder) or such a folder")
+        return self
 
 
 class CorpusConfig(Section):
@@ -53,19 +130,12 @@ class SDGConfig(Section):
     backend: Literal["transformers", "vllm", "openai"] = Field(
         "transformers", description="LLM engine: transformers (CPU/GPU), vllm (offline engine per actor), openai "
         "(any OpenAI-compatible server, e.g. `vllm serve` or a NIM).")
-    fallback_backend: Literal["transformers"] | None = Field(
-        None, description="Used, with a warning, when the backend cannot start here (unset: fail with the reason).")
-    llm: str = Field("smollm2", description="'smollm2', 'gemma3' (packaged GGUF) or a HF model folder.")
+    llm: str = Field("smollm2", description="'smollm2', 'gemma3' (packaged GGUF) or a HF model folder; with "
+                     "backend 'openai', the name the server serves the model under.")
     output: Literal["line", "json"] = Field("line", description="One query per reply (n samples), or one reply "
                                             "holding a JSON list of the n queries, parsed item by item.")
-    openai_base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible API base URL.")
-    openai_model: str | None = Field(None, description="Model name the server serves (default: sdg.llm).")
-    openai_api_key_env: str = Field("RETROFIT_LLM_API_KEY", description="Environment variable holding the API "
-                                    "key (the key itself is never put in the config or logs).")
-    openai_concurrency: int = Field(8, ge=1, description="Requests in flight per actor.")
-    openai_timeout_s: float = Field(120.0, gt=0.0)
-    openai_max_retries: int = Field(5, ge=0, description="Retries (exponential backoff) on 429/5xx/timeouts.")
-    openai_max_chunk_chars: int = Field(12000, ge=100, description="Longer chunks are cut (and counted).")
+    max_chunk_chars: int = Field(12000, ge=100, description="Backend 'openai': longer chunks are cut (and counted); "
+                                 "the local backends cut at the model's context in tokens.")
     query_types: dict[str, int] = Field(default_factory=lambda: {"question": 2, "keyword": 1},
                                         description="Queries per chunk of each type (question, claim, keyword, "
                                                     "... as defined in the prompts file).")
@@ -76,15 +146,12 @@ class SDGConfig(Section):
     length_reference_tokens: int | None = Field(None, ge=1, description="Scale queries per chunk with its length: "
                                                 "a chunk of this many tokens gets the full count, shorter ones fewer.")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding.")
-    batch_size: int = Field(8, ge=1, description="Chunks per generate() call.")
+    chunks_per_call: int = Field(8, ge=1, description="Chunks per generate() call.")
     shard_size: int = Field(32, ge=1, description="Chunks per output shard (the unit of resume).")
-    num_actors: int = Field(1, ge=1, description="LLM actors (one engine each).")
-    cpus_per_actor: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0.0)
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor "
-                                        "(e.g. {gpu_node: 1}) to pin the stage to matching nodes.")
     min_query_chars: int = Field(8, ge=1)
     max_query_chars: int = Field(300, ge=8)
+    placement: SDGPlacement = SDGPlacement()
+    server: LLMServer = LLMServer()
 
     @model_validator(mode="after")
     def _some_queries(self):
@@ -97,7 +164,8 @@ class PrepConfig(Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of documents in the val split.")
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of documents in the test split.")
     num_negatives: int = Field(5, ge=0, le=64, description="Hard negatives per training row.")
-    mining_model: str = Field("base", description="'base' (the train.base_model) or a model path.")
+    mining_model: str | None = Field(None, description="Embedder that mines negatives and runs the round-trip "
+                                     "filter: unset means train.base_model; else a model folder.")
     candidates: int = Field(30, ge=1, description="Nearest chunks considered per query before filtering.")
     margin: float = Field(0.95, gt=0.0, le=1.0,
                           description="Drop candidates scoring above margin x positive score (false negatives).")
@@ -111,44 +179,34 @@ class PrepConfig(Section):
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists searched per query (recall vs speed).")
     hnsw_ef_search: int = Field(128, ge=8, description="HNSW search breadth (recall vs speed).")
     gpu_index: bool = Field(True, description="Search on a GPU when faiss-gpu sees one (flat and IVF).")
-    judge: str = Field("none", description="Second opinion on the best surviving candidates: 'none', 'llm' (the "
-                       "sdg.llm asked whether the passage answers the query) or a cross-encoder folder.")
+    judge: JudgeChoice = Field(JudgeChoice(), description="Second opinion on the best surviving candidates: an LLM "
+                               "asked whether the passage answers the query, or a cross-encoder.")
     judge_top: int = Field(5, ge=1, description="Candidates per query the judge looks at.")
     judge_ratio: float = Field(1.0, gt=0.0, description="Drop a candidate the judge scores at least judge_ratio "
                                "x its score for the query's own positive.")
     near_duplicate_cosine: float = Field(0.97, ge=0.0, le=1.0, description="Drop a query this similar (cosine) to "
                                          "an earlier query for the same chunk (0: keep all).")
-    query_judge: str = Field("none", description="Score each query against its chunk with a rubric: 'none', 'llm' "
-                             "(the sdg.llm), 'llm:MODEL' (another LLM: a packaged name or folder) or a cross-encoder "
-                             "folder; queries below query_judge_min are dropped.")
+    query_judge: JudgeChoice = Field(JudgeChoice(), description="Score each query against its chunk with a "
+                                     "rubric; queries below query_judge_min are dropped.")
     query_judge_min: float = Field(0.5, ge=0.0, le=1.0, description="Lowest judge score (probability) kept.")
     roundtrip_top_k: int = Field(20, ge=0, description="Keep a query only if the mining model ranks its source "
                                  "chunk in its top k (0: keep all).")
-    batch_size: int = Field(64, ge=1)
-    num_actors: int = Field(1, ge=1, description="Embedding actors when the corpus is large enough for Ray.")
-    cpus_per_actor: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0.0)
+    texts_per_batch: int = Field(64, ge=1, description="Texts per embedding call.")
     fixed_eval_set: bool = Field(True, description="Reuse the test split (documents and queries) of an earlier "
                                  "run on the same corpus, so metrics stay comparable across runs.")
     eval_set_root: str | None = Field(None, description="Where fixed evaluation sets are kept "
                                       "(default: ~/.cache/retrofit/eval_sets).")
 
-    @field_validator("judge", "query_judge")
-    @classmethod
-    def _judge_choice(cls, spec: str, info):
-        # Checked here, not when prep reaches its judge after SDG's hours: a typo fails at load.
-        if spec in ("none", "llm") or (spec.startswith("llm:") and len(spec) > 4):
-            return spec
-        if not Path(spec).is_dir():
-            raise ValueError(f"{info.field_name} {spec!r} must be 'none', 'llm', 'llm:MODEL' (a packaged LLM name or "
-                             "folder) or an existing cross-encoder folder")
-        return spec
+    placement: ActorPlacement = Field(ActorPlacement(), description="Embedding actors, when the corpus is large "
+                                      "enough for Ray.")
 
-    @field_validator("mining_model")
+    @field_validator("mining_model", mode="before")
     @classmethod
-    def _mining_model_choice(cls, spec: str):
-        if spec != "base" and not Path(spec).is_dir():
-            raise ValueError(f"mining_model {spec!r} must be 'base' (train.base_model) or an existing model folder")
+    def _mining_model_choice(cls, spec):
+        if spec in (None, "base"):  # 'base': how schema 2 said "train.base_model"
+            return None
+        if not Path(spec).is_dir():
+            raise ValueError(f"mining_model {spec!r} must be unset (train.base_model) or an existing model folder")
         return spec
 
     @model_validator(mode="after")
@@ -161,7 +219,9 @@ class PrepConfig(Section):
 class TrainConfig(Section):
     base_model: str = Field("minilm", description="'minilm' (packaged all-MiniLM-L6-v2) or a model folder.")
     epochs: int = Field(3, ge=1, le=100)
-    batch_size: int = Field(16, ge=2, description="Queries per step per worker.")
+    queries_per_worker: int = Field(16, ge=2, description="Queries per step on each worker; every worker's "
+                                    "passages are gathered, so a query is scored against queries_per_worker x "
+                                    "num_workers positives.")
     lr: float = Field(2e-5, gt=0.0, lt=1.0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm (0: off); the Hugging Face / "
@@ -173,9 +233,9 @@ class TrainConfig(Section):
     negatives_per_query: int = Field(3, ge=0, description="Hard negatives used per query in a step.")
     max_query_tokens: int = Field(64, ge=8)
     max_passage_tokens: int = Field(256, ge=16)
+    # Part of the identity, unlike placement: more workers make a bigger contrastive batch, a GPU trains in bf16.
     num_workers: int = Field(1, ge=1, description="Ray Train workers (processes).")
     use_gpu: bool = False
-    cpus_per_worker: int = Field(1, ge=1)
     engine: Literal["deepspeed", "ddp"] = Field("deepspeed", description="DeepSpeed ZeRO, or plain AdamW with "
                                                  "an all-reduce of gradients (the fallback).")
     zero_stage: Literal[1, 2] = Field(2, description="DeepSpeed ZeRO stage.")
@@ -188,7 +248,7 @@ class TrainConfig(Section):
     keep: Literal["best", "last"] = Field("best", description="Keep the checkpoint with the best val NDCG@10, "
                                           "or the last one.")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N checkpoints without a val gain (0: off).")
-    max_failures: int = Field(2, ge=0, description="Worker-group restarts (from the latest checkpoint) allowed.")
+    placement: WorkerPlacement = WorkerPlacement()
 
     @model_validator(mode="after")
     def _grad_cache_engine(self):
@@ -216,7 +276,7 @@ class MergeConfig(Section):
 
 
 class EvalConfig(Section):
-    batch_size: int = Field(64, ge=1)
+    texts_per_batch: int = Field(64, ge=1, description="Texts per embedding call.")
     top_k: int = Field(100, ge=10, description="Documents retrieved per query.")
 
 
@@ -235,33 +295,23 @@ class ExportConfig(Section):
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
-    num_replicas: int = Field(1, ge=1)
-    cpus_per_replica: float = Field(1.0, gt=0.0)
-    gpus_per_replica: float = Field(0.0, ge=0.0)
+    requests_per_batch: int = Field(32, ge=1, description="Requests embedded together in one model call at most.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, description="How long a request waits for others to join "
+                                        "its batch (a request alone in the replica does not wait).")
     device: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
         "auto", description="ONNX Runtime provider; 'auto': TensorRT if its engine was built, CUDA if there "
         "is a GPU, else CPU.")
-    autoscaling: bool = Field(False, description="Scale replicas between min_replicas and max_replicas on load.")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(16.0, gt=0.0, description="Autoscaling target per replica.")
     max_inputs: int = Field(256, ge=1, description="Inputs per request.")
     max_input_chars: int = Field(8192, ge=1, description="Longer inputs answer 413 unless the request sets "
                                  "'truncate' ('END' or 'START'); so do inputs over the model's token limit.")
     max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica works on at once "
-                                             "(default: 2 x max_batch_size; Ray's own default of 5 caps batching).")
+                                             "(default: 2 x requests_per_batch; Ray's own default of 5 caps "
+                                             "batching).")
     max_queued_requests: int = Field(64, ge=1, description="Requests waiting beyond that; more answer 503 at once.")
     # exclude=True: never written to config.yaml, printed, or hashed.
     api_key: str | None = Field(None, exclude=True,
                                 description="Require 'Authorization: Bearer KEY' (or set RETROFIT_API_KEY).")
-
-    @model_validator(mode="after")
-    def _replica_range(self):
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
-        return self
+    placement: ReplicaPlacement = ReplicaPlacement()
 
 
 class RayConfig(Section):
@@ -297,8 +347,11 @@ class RetrofitConfig(Section):
         """Every setting of the named sections that decides what a stage produces, as 'section.field' ->
         value. Defaults included: a release that changes a default changes the stage's identity. Placement
         settings (where and on how many actors a stage runs) never change what it produces and are left out."""
-        settings = {f"{n}.{k}": v for n in names
-                    for k, v in getattr(self, n).model_dump(mode="json", exclude=PLACEMENT).items()}
+        settings = {}
+        for n in names:
+            section = getattr(self, n)
+            placement = {k for k in type(section).model_fields if isinstance(getattr(section, k), Placement)}
+            settings.update({f"{n}.{k}": v for k, v in section.model_dump(mode="json", exclude=placement).items()})
         settings["seed"] = self.seed
         return settings
 
@@ -311,12 +364,12 @@ class RetrofitConfig(Section):
 
 PROFILES: dict[str, dict[str, Any]] = {
     # Two single-threaded LLM actors use a 2-core machine better than one two-threaded actor.
-    "cpu-small": {"sdg": {"num_actors": 2}},
+    "cpu-small": {"sdg": {"placement": {"num_actors": 2}}},
     "gpu-h200": {
-        "sdg": {"gpus_per_actor": 1.0, "batch_size": 64, "shard_size": 512},
-        "prep": {"batch_size": 512},
-        "train": {"use_gpu": True, "batch_size": 128, "epochs": 3},
-        "eval": {"batch_size": 512},
+        "sdg": {"chunks_per_call": 64, "shard_size": 512, "placement": {"gpus_per_actor": 1.0}},
+        "prep": {"texts_per_batch": 512},
+        "train": {"use_gpu": True, "queries_per_worker": 128, "epochs": 3},
+        "eval": {"texts_per_batch": 512},
     },
 }
 
@@ -325,21 +378,44 @@ class ConfigError(RetrofitError):
     """A config problem, phrased for the user: names the file and field."""
 
 
-# Settings renamed or removed (config schema 2), and what to write instead.
+# Settings renamed or moved, old name -> new name. A config file or --set still using an old name is an
+# error naming the new one; `retrofit migrate` rewrites a run folder's config.yaml.
 RENAMED = {
-    "train.temperature": "train.loss_temperature (sdg.temperature is the LLM's sampling; this one is the loss's)",
-    "train.seed": "seed (the run has one seed, at the top level)",
-    "train.lr_preset": "train.lr (half: 1e-5, double: 4e-5 for the default 2e-5)",
+    # schema 2: one name, one meaning
+    "train.temperature": "train.loss_temperature",
+    "train.seed": "seed",
+    "train.lr_preset": "train.lr",
+    # schema 3: placement in sub-models, batch sizes named by their unit, the LLM named once
+    **{f"sdg.{k}": f"sdg.placement.{k}" for k in ("num_actors", "cpus_per_actor", "gpus_per_actor", "resources",
+                                                   "fallback_backend")},
+    **{f"sdg.openai_{k}": f"sdg.server.{k}" for k in ("base_url", "api_key_env", "concurrency", "timeout_s",
+                                                       "max_retries")},
+    "sdg.openai_model": "sdg.llm",
+    "sdg.openai_max_chunk_chars": "sdg.max_chunk_chars",
+    "sdg.batch_size": "sdg.chunks_per_call",
+    **{f"prep.{k}": f"prep.placement.{k}" for k in ("num_actors", "cpus_per_actor", "gpus_per_actor")},
+    "prep.batch_size": "prep.texts_per_batch",
+    "train.batch_size": "train.queries_per_worker",
+    **{f"train.{k}": f"train.placement.{k}" for k in ("cpus_per_worker", "max_failures")},
+    "eval.batch_size": "eval.texts_per_batch",
+    "serve.max_batch_size": "serve.requests_per_batch",
+    **{f"serve.{k}": f"serve.placement.{k}" for k in ("num_replicas", "cpus_per_replica", "gpus_per_replica",
+                                                       "autoscaling", "min_replicas", "max_replicas",
+                                                       "target_ongoing_requests")},
+}
+WHY_RENAMED = {
+    "train.temperature": "sdg.temperature is the LLM's sampling; this one is the loss's",
+    "train.seed": "the run has one seed, at the top level",
+    "train.lr_preset": "half: 1e-5, double: 4e-5 for the default 2e-5",
+    "sdg.openai_model": "every backend names its model in sdg.llm; for 'openai', the name the server serves",
 }
 
 
 def upgrade_config_data(data: dict) -> dict:
-    """A config mapping written before schema 2, in today's names (what `retrofit migrate` does to a run
-    folder's config.yaml); a value the new names cannot hold is an error naming it."""
+    """A config mapping written by an older Retrofit, in today's names (what `retrofit migrate` does to a
+    run folder's config.yaml); a value the new names cannot hold is an error naming it."""
     data = json.loads(json.dumps(data))  # a copy
     train = data.get("train") if isinstance(data.get("train"), dict) else {}
-    if "temperature" in train:
-        train["loss_temperature"] = train.pop("temperature")
     if "seed" in train:
         seed = train.pop("seed")
         if seed != data.get("seed", seed):
@@ -349,6 +425,22 @@ def upgrade_config_data(data: dict) -> dict:
     if "lr_preset" in train:
         scale = {"default": 1.0, "half": 0.5, "double": 2.0}[train.pop("lr_preset")]
         train["lr"] = train.get("lr", TrainConfig.model_fields["lr"].default) * scale
+    sdg = data.get("sdg") if isinstance(data.get("sdg"), dict) else {}
+    if sdg.get("openai_model") is None:
+        sdg.pop("openai_model", None)  # unset meant "sdg.llm", which is what sdg.llm now says alone
+    for old, new in RENAMED.items():
+        section, name = old.split(".")
+        if not isinstance(data.get(section), dict) or name not in data[section]:
+            continue
+        value = data[section].pop(name)
+        *parents, leaf = new.split(".")
+        target = data
+        for key in parents:
+            target = target.setdefault(key, {})
+        if old == "sdg.openai_model" or leaf not in target:  # the served name is the model's name
+            target[leaf] = value
+        elif target[leaf] != value:
+            raise ConfigError(f"{old} ({value!r}) and {new} ({target[leaf]!r}) disagree: keep the one you want")
     return data
 
 
@@ -356,7 +448,9 @@ def _check_renamed(data: dict, source: str) -> None:
     for old, new in RENAMED.items():
         section, name = old.split(".")
         if isinstance(data.get(section), dict) and name in data[section]:
-            raise ConfigError(f"invalid config ({source}):\n  {old} was renamed or removed: use {new}")
+            why = f" ({WHY_RENAMED[old]})" if old in WHY_RENAMED else ""
+            raise ConfigError(f"invalid config ({source}):\n  {old} was renamed or moved: use {new}{why}; "
+                              "`retrofit migrate --out RUN` rewrites a run folder's config")
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

@@ -54,7 +54,7 @@ class EncodeWorker:
 
 def encode_parquet(model_path: str, table_path: str | Path, kind: str, cache_root: str | Path, *,
                    batch_size: int = 64, use_ray: bool = False, num_actors: int = 1, cpus: int = 1,
-                   num_gpus: float = 0) -> np.ndarray:
+                   num_gpus: float = 0, resources: dict | None = None) -> np.ndarray:
     """Normalised float32 embeddings of every row of `table_path`, in row order."""
     table_path = Path(table_path)
     n_rows = pq.ParquetFile(table_path).metadata.num_rows
@@ -68,7 +68,7 @@ def encode_parquet(model_path: str, table_path: str | Path, kind: str, cache_roo
     tasks = [{"shard_id": i, "start": i * SHARD_ROWS, "stop": min((i + 1) * SHARD_ROWS, n_rows)}
              for i in range(n_shards) if i not in done]
     for _ in map_shards(EncodeWorker, tasks, use_ray=use_ray, num_actors=num_actors, num_cpus=cpus,
-                        num_gpus=num_gpus, label=f"encode {kind} texts",
+                        num_gpus=num_gpus, resources=resources, label=f"encode {kind} texts",
                         ctor_kwargs={"model_path": model_path, "table_path": str(table_path), "kind": kind,
                                      "out_dir": str(out_dir), "batch_size": batch_size,
                                      "cpus": cpus if use_ray else None}):

@@ -11,7 +11,7 @@ from pipeline.retrieval import evaluate_models
 def run_stage(cfg, run, rec) -> None:
     models = {"base": resolve_embedder(cfg.train.base_model), "fine-tuned": str(run.root / "merge" / "model")}
     result = evaluate_models(run.root / "prep" / "beir_test", models, cfg.eval.top_k,
-                             run.root / "cache" / "eval", cfg.eval.batch_size)
+                             run.root / "cache" / "eval", cfg.eval.texts_per_batch)
     weight = run.require("merge", "eval").counts["weight"]
     shipped = "" if weight == 1 else f" ('fine-tuned' is the shipped model: {weight:g} x fine-tuned + {1 - weight:g} x base)"
     summary = write_report(result, rec.dir, "Retrieval on the synthetic test split" + shipped)

@@ -188,7 +188,7 @@ def int8_variant(cfg, run, rec) -> dict:
     """Quantise, measure the NDCG@10 it costs on the test split, keep it only within the tolerance."""
     int8_dir = quantize_int8(rec.dir / "onnx", rec.dir / "onnx-int8")
     result = evaluate_models(run.root / "prep" / "beir_test", {"fp32": str(rec.dir / "onnx"), "int8": str(int8_dir)},
-                             cfg.eval.top_k, run.root / "cache" / "eval", cfg.eval.batch_size, references=False)
+                             cfg.eval.top_k, run.root / "cache" / "eval", cfg.eval.texts_per_batch, references=False)
     loss = result.means["fp32"]["ndcg@10"] - result.means["int8"]["ndcg@10"]
     kept = loss <= cfg.export.int8_max_ndcg_loss
     summary = {"ndcg@10_fp32": result.means["fp32"]["ndcg@10"], "ndcg@10_int8": result.means["int8"]["ndcg@10"],

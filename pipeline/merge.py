@@ -168,7 +168,7 @@ def run_stage(cfg, run, rec) -> None:
             if 0 < a < 1:
                 merger.save(a, Path(path))
             curve[a] = dev_metrics(path, chunks_path, doc_of_chunk, dev, cfg.eval.top_k, run.root / "cache" / "eval",
-                                   cfg.eval.batch_size)
+                                   cfg.eval.texts_per_batch)
             print(f"[merge] a={a:g}: dev NDCG@10 {curve[a]['ndcg@10']:.4f}", flush=True)
         weight = choose_weight(curve)
         shutil.rmtree(candidates, ignore_errors=True)

@@ -294,13 +294,14 @@ def run_stage(cfg, run, rec) -> None:
                                    cfg.prep.test_fraction, cfg.seed)
     rec.phase("split")
 
-    mining_model = resolve_embedder(cfg.train.base_model if cfg.prep.mining_model == "base" else cfg.prep.mining_model)
+    mining_model = resolve_embedder(cfg.prep.mining_model or cfg.train.base_model)
     queries_path = rec.output("queries.tmp.parquet")
     pq.write_table(pa.Table.from_pylist([{"query": r["query"]} for r in qa]), queries_path)
     use_ray = len(qa) + chunks.num_rows > 20_000
     cache = run.root / "cache" / "embeddings"
-    common = dict(batch_size=cfg.prep.batch_size, use_ray=use_ray, num_actors=cfg.prep.num_actors,
-                  cpus=cfg.prep.cpus_per_actor, num_gpus=cfg.prep.gpus_per_actor)
+    where = cfg.prep.placement
+    common = dict(batch_size=cfg.prep.texts_per_batch, use_ray=use_ray, num_actors=where.num_actors,
+                  cpus=where.cpus_per_actor, num_gpus=where.gpus_per_actor, resources=where.resources)
     chunk_emb = encode_parquet(mining_model, chunks_path, "passage", cache, **common)
     query_emb = encode_parquet(mining_model, queries_path, "query", cache, **common)
     queries_path.unlink()
@@ -308,7 +309,7 @@ def run_stage(cfg, run, rec) -> None:
     qa, query_emb = [r for r, k in zip(qa, keep) if k], query_emb[keep]
     rec.phase("embed")
     judged = None
-    if cfg.prep.query_judge != "none":
+    if cfg.prep.query_judge.kind != "none":
         judge = make_judge(cfg.prep.query_judge, cfg.sdg.llm, template=QUERY_RUBRIC)
         keep, judged = judge_queries(qa, dict(zip(chunk_ids, passages)), judge, cfg.prep.query_judge_min)
         qa, query_emb = [r for r, k in zip(qa, keep) if k], query_emb[keep]

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.beir import passage_text
+from pipeline.config import SDGConfig
 from pipeline.errors import RetrofitError
 from pipeline.ray_runtime import map_shards, set_threads
 from pipeline.llm import make_engine, prompt_messages
@@ -166,10 +167,10 @@ def write_shard(table: pa.Table, shard_dir: Path, shard_id: int, summary: dict) 
     os.replace(tmp, final)  # atomic: a killed worker leaves no half shard behind
 
 
-def queries_for(n_tokens: int, n: int, sdg: dict) -> int:
+def queries_for(n_tokens: int, n: int, reference_tokens: int | None) -> int:
     """Queries to keep for a chunk: n, or with sdg.length_reference_tokens set, n scaled by the chunk's
     length against that reference (at least 1, at most n: short chunks hold fewer distinct questions)."""
-    ref = sdg.get("length_reference_tokens")
+    ref = reference_tokens
     if not ref or not n:
         return n
     return max(1, min(n, round(n * n_tokens / ref)))
@@ -210,12 +211,11 @@ def parse_json_queries(reply: str) -> tuple[list[str], int]:
 class QueryGenerator:
     """Holds one LLM engine; process() turns one shard of chunks into QA rows."""
 
-    def __init__(self, llm_name: str, chunks_path: str, shard_dir: str, sdg: dict,
-                 seed: int, cpus: int = 1):
-        set_threads(cpus)
-        self.sdg, self.seed, self.llm_name = sdg, seed, llm_name
-        self.prompts = load_prompts(sdg["prompts"], sdg["query_types"])
-        self.examples = load_example_queries(sdg["example_queries"])
+    def __init__(self, chunks_path: str, shard_dir: str, sdg: SDGConfig, seed: int):
+        set_threads(sdg.placement.cpus_per_actor)
+        self.sdg, self.seed = sdg, seed
+        self.prompts = load_prompts(sdg.prompts, sdg.query_types)
+        self.examples = load_example_queries(sdg.example_queries)
         self.chunks_path, self.shard_dir = chunks_path, Path(shard_dir)
         self.rare_example_words = set()
         if self.examples:  # word frequencies from up to 20K chunks spread over the corpus
@@ -223,7 +223,7 @@ class QueryGenerator:
             sample = table.take(list(range(0, table.num_rows, max(1, table.num_rows // 20_000))))
             texts = [f"{t} {x}" for t, x in zip(sample.column("title").to_pylist(), sample.column("text").to_pylist())]
             self.rare_example_words = rare_example_words(self.examples, texts)
-        self.engine = make_engine(sdg, llm_name)
+        self.engine = make_engine(sdg)
 
     def process(self, task: dict) -> dict:
         import torch
@@ -238,7 +238,7 @@ class QueryGenerator:
         rows = []
         stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "repetitive": 0,
                  "copied_example": 0, "leaked_example": 0, "duplicate": 0, "malformed": 0, "pairs": 0}
-        bs = self.sdg["batch_size"]
+        bs = self.sdg.chunks_per_call
         tokens_before = self.engine.output_tokens
         for i in range(0, len(chunks), bs):
             batch = chunks[i:i + bs]
@@ -248,8 +248,8 @@ class QueryGenerator:
                 stats["truncated"] += cut
                 texts.append(text)
             for qtype, spec in self.prompts.items():
-                n = self.sdg["query_types"][qtype]
-                as_json = self.sdg["output"] == "json"
+                n = self.sdg.query_types[qtype]
+                as_json = self.sdg.output == "json"
                 items = [(c, t, None) for c, t in zip(batch, texts)]
                 if spec.get("pair") == "next_chunk":  # multi-hop: a question that needs this chunk and the next
                     items = []
@@ -271,11 +271,12 @@ class QueryGenerator:
                         replies, malformed = parse_json_queries(replies[0])
                         stats["malformed"] += malformed
                     seen: set[str] = set()
-                    for j, reply in enumerate(replies[:queries_for(chunk["n_tokens"], n, self.sdg)]):
+                    keep = queries_for(chunk["n_tokens"], n, self.sdg.length_reference_tokens)
+                    for j, reply in enumerate(replies[:keep]):
                         q = clean_query(reply, spec)
-                        if len(q) < self.sdg["min_query_chars"] or len(q.split()) < 2:
+                        if len(q) < self.sdg.min_query_chars or len(q.split()) < 2:
                             stats["too_short"] += 1
-                        elif len(q) > self.sdg["max_query_chars"]:
+                        elif len(q) > self.sdg.max_query_chars:
                             stats["too_long"] += 1
                         elif wrong_shape(q, spec):
                             stats["wrong_shape"] += 1
@@ -291,7 +292,7 @@ class QueryGenerator:
                             seen.add(q.lower())
                             rows.append({"qa_id": f"{chunk['chunk_id']}::{qtype}{j}", "query": q,
                                          "chunk_id": chunk["chunk_id"], "doc_id": chunk["doc_id"],
-                                         "query_type": qtype, "generator": self.llm_name,
+                                         "query_type": qtype, "generator": self.sdg.llm,
                                          "related_chunk_ids": [related] if related else None})
         summary = {"shard_id": shard_id, "chunks": len(chunks), "queries": len(rows), **stats,
                    "output_tokens": self.engine.output_tokens - tokens_before, "node": current_node(),
@@ -311,7 +312,8 @@ def shard_origins(shards: list[Path]) -> dict[str, int]:
     if len(origins) > 1:
         detail = "; ".join(f"{o}: {len(names)} shard(s), e.g. {names[0]}" for o, names in sorted(origins.items()))
         raise RetrofitError(f"{shards[0].parent} mixes query generators ({detail}). Make the intended backend "
-                            "available (or set sdg.backend to the one you want and sdg.fallback_backend to null) "
+                            "available (or set sdg.backend to the one you want and sdg.placement.fallback_backend to "
+                            "null) "
                             "and rerun with --force sdg")
     return {o: len(names) for o, names in origins.items()}
 
@@ -337,11 +339,11 @@ def run_stage(cfg, run, rec) -> None:
     if done:
         print(f"[sdg] resuming: {len(done)} finished shard(s) kept, {len(tasks)} to go", flush=True)
     t0 = time.perf_counter()
+    where = cfg.sdg.placement
     fresh = list(map_shards(
-        QueryGenerator, tasks, use_ray=True, num_actors=cfg.sdg.num_actors, num_cpus=cfg.sdg.cpus_per_actor,
-        num_gpus=cfg.sdg.gpus_per_actor, resources=cfg.sdg.resources, label="sdg",
-        ctor_kwargs={"llm_name": cfg.sdg.llm, "chunks_path": str(chunks_path), "shard_dir": str(shard_dir),
-                     "sdg": cfg.sdg.model_dump(), "seed": cfg.seed, "cpus": cfg.sdg.cpus_per_actor}))
+        QueryGenerator, tasks, use_ray=True, num_actors=where.num_actors, num_cpus=where.cpus_per_actor,
+        num_gpus=where.gpus_per_actor, resources=where.resources, label="sdg",
+        ctor_kwargs={"chunks_path": str(chunks_path), "shard_dir": str(shard_dir), "sdg": cfg.sdg, "seed": cfg.seed}))
     seconds = time.perf_counter() - t0
     rec.phase("generate")
 

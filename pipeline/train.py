@@ -102,7 +102,7 @@ class DeepSpeedEngine(PlainEngine):
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        config = {"train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": 1,
+        config = {"train_micro_batch_size_per_gpu": tc.queries_per_worker, "gradient_accumulation_steps": 1,
                   "gradient_clipping": tc.max_grad_norm, "zero_optimization": {"stage": tc.zero_stage},
                   "zero_allow_untested_optimizer": True,  # torch's AdamW (DeepSpeed's own needs a CUDA build)
                   "bf16": {"enabled": on_gpu}, "steps_per_print": 10**9}
@@ -201,14 +201,14 @@ class Worker:
         self.tc: TrainConfig = config["train"]  # typed: the section itself travels to the workers
         tc = self.tc
         self.rank, self.world, self.report = rank, world, report
-        set_threads(tc.cpus_per_worker)
+        set_threads(tc.placement.cpus_per_worker)
         on_gpu = tc.use_gpu and torch.cuda.is_available()
         self.device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
         self.seed = config["seed"]
         torch.manual_seed(self.seed)
 
         self.rows = pq.read_table(config["train_path"]).to_pylist()
-        self.sampler = BatchSampler(self.rows, tc.batch_size, self.world, self.seed)
+        self.sampler = BatchSampler(self.rows, tc.queries_per_worker, self.world, self.seed)
         self.total = self.sampler.steps_per_epoch * tc.epochs
         warmup = int(tc.warmup_ratio * self.total)
         schedule = lambda s: lr_lambda(s, self.total, warmup)  # noqa: E731
@@ -450,7 +450,7 @@ def run_stage(cfg, run, rec) -> None:
         shutil.rmtree(storage / f"train-{identity}", ignore_errors=True)
     val_path = run.root / "prep" / "val.parquet"
     has_val = val_path.exists() and pq.ParquetFile(val_path).metadata.num_rows > 0
-    per_worker = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    per_worker = {"CPU": tc.placement.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     check_resources("train", [per_worker] * tc.num_workers)
     trainer = TorchTrainer(
         train_loop,
@@ -464,7 +464,7 @@ def run_stage(cfg, run, rec) -> None:
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=2, checkpoint_score_attribute="val_ndcg@10" if has_val else None,
                                  checkpoint_score_order="max"),
-                             failure_config=FailureConfig(max_failures=tc.max_failures)),
+                             failure_config=FailureConfig(max_failures=tc.placement.max_failures)),
     )
     with follow_progress(log_path, tc.epochs):
         result = trainer.fit()

@@ -35,7 +35,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
 @serve.ingress(api)
 class EmbeddingService:
     def __init__(self, export_dir: str, model_name: str, max_inputs: int, max_input_chars: int,
-                 max_batch_size: int, batch_wait_timeout_s: float, threads: int = 1, api_key: str | None = None,
+                 requests_per_batch: int, batch_wait_timeout_s: float, threads: int = 1, api_key: str | None = None,
                  device: str = "auto"):
         from pipeline.embedders import OnnxEmbedder, pick_device
 
@@ -56,7 +56,7 @@ class EmbeddingService:
         self.room = int(self.embedder.info["max_seq_length"]) - self.special_tokens
         # We count tokens of over-long inputs on purpose (to answer 413); transformers' warning about it is noise.
         logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
-        self._embed_batch.set_max_batch_size(max_batch_size)
+        self._embed_batch.set_max_batch_size(requests_per_batch)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.in_flight = 0  # embedding requests inside this replica now
 
@@ -184,22 +184,22 @@ class EmbeddingService:
 
 
 def build_app(export_dir: str, model_name: str, serve_cfg):
-    replicas = {"num_replicas": serve_cfg.num_replicas}
-    if serve_cfg.autoscaling:
-        replicas = {"autoscaling_config": {"min_replicas": serve_cfg.min_replicas,
-                                           "max_replicas": serve_cfg.max_replicas,
-                                           "target_ongoing_requests": serve_cfg.target_ongoing_requests}}
+    where = serve_cfg.placement
+    replicas = {"num_replicas": where.num_replicas}
+    if where.autoscaling:
+        replicas = {"autoscaling_config": {"min_replicas": where.min_replicas, "max_replicas": where.max_replicas,
+                                           "target_ongoing_requests": where.target_ongoing_requests}}
     deployment = EmbeddingService.options(
         **replicas,
-        ray_actor_options={"num_cpus": serve_cfg.cpus_per_replica, "num_gpus": serve_cfg.gpus_per_replica},
+        ray_actor_options={"num_cpus": where.cpus_per_replica, "num_gpus": where.gpus_per_replica},
         # Ray's default of 5 ongoing requests per replica would silently cap batch sizes.
-        max_ongoing_requests=serve_cfg.max_ongoing_requests or 2 * serve_cfg.max_batch_size,
+        max_ongoing_requests=serve_cfg.max_ongoing_requests or 2 * serve_cfg.requests_per_batch,
         # A bounded queue: overload answers 503 at once instead of growing memory and latency.
         max_queued_requests=serve_cfg.max_queued_requests,
     )
     return deployment.bind(export_dir, model_name, serve_cfg.max_inputs, serve_cfg.max_input_chars,
-                           serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s,
-                           max(1, int(serve_cfg.cpus_per_replica)),
+                           serve_cfg.requests_per_batch, serve_cfg.batch_wait_timeout_s,
+                           max(1, int(where.cpus_per_replica)),
                            serve_cfg.api_key or os.environ.get("RETROFIT_API_KEY") or None, serve_cfg.device)
 
 

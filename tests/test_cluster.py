@@ -82,8 +82,8 @@ def test_submitted_run_succeeds_and_sdg_actors_ran_on_both_nodes(two_node_cluste
     run = tmp_path / "run"
     settings = ["corpus.sample_docs=4", "corpus.chunk_tokens=128", "corpus.chunk_overlap=16",
                 "sdg.query_types.question=1", "sdg.query_types.keyword=0", "sdg.shard_size=2",
-                "sdg.num_actors=2", "sdg.resources.sdg_slot=1", "prep.roundtrip_top_k=0",
-                f"prep.eval_set_root={tmp_path / 'sets'}", "train.epochs=1", "train.batch_size=4",
+                "sdg.placement.num_actors=2", "sdg.placement.resources.sdg_slot=1", "prep.roundtrip_top_k=0",
+                f"prep.eval_set_root={tmp_path / 'sets'}", "train.epochs=1", "train.queries_per_worker=4",
                 "train.max_passage_tokens=128", "export.int8=false", "export.parity_texts=20"]
     args = [a for s in settings for a in ("--set", s)]
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "--out", str(run), "--address", address,

@@ -64,7 +64,7 @@ def test_rayjob_runs_our_cli_with_a_config_that_validates():
     cfg = yaml.safe_load(config_map["data"][Path(config_path).name])
     RetrofitConfig.model_validate(cfg)  # the run config is valid for this version of Retrofit
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
-    assert cfg["train"]["num_workers"] <= workers["maxReplicas"] and cfg["sdg"]["gpus_per_actor"] == 1.0
+    assert cfg["train"]["num_workers"] <= workers["maxReplicas"] and cfg["sdg"]["placement"]["gpus_per_actor"] == 1.0
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["HF_HUB_OFFLINE"] == "1"
 
 

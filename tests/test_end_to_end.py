@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import free_port
 
 SETTINGS = ["corpus.sample_docs=20", "corpus.chunk_tokens=256", "corpus.chunk_overlap=16",
-            "sdg.query_types.question=1", "sdg.query_types.keyword=1", "sdg.shard_size=8", "sdg.num_actors=2", "train.batch_size=8",
+            "sdg.query_types.question=1", "sdg.query_types.keyword=1", "sdg.shard_size=8", "sdg.placement.num_actors=2", "train.queries_per_worker=8",
             "train.max_passage_tokens=256", "train.epochs=1", "train.negatives_per_query=2", "export.parity_texts=50"]
 
 
@@ -136,7 +136,7 @@ def test_sdg_killed_mid_run_resumes_without_losing_or_duplicating(tmp_path):
 
     run = tmp_path / "run"
     settings = ["corpus.sample_docs=6", "corpus.chunk_tokens=128", "corpus.chunk_overlap=16",
-                "sdg.query_types.question=1", "sdg.query_types.keyword=0", "sdg.shard_size=2", "sdg.num_actors=2"]
+                "sdg.query_types.question=1", "sdg.query_types.keyword=0", "sdg.shard_size=2", "sdg.placement.num_actors=2"]
     args = [a for s in settings for a in ("--set", s)]
     retrofit("corpus", "--corpus", "sample", "--out", str(run), *args)
     shard_dir = run / "sdg" / "shards"

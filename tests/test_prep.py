@@ -268,9 +268,10 @@ def _judge_mining(judge):
 
 
 def test_llm_judge_drops_a_copy_of_the_positive_and_keeps_an_unrelated_passage():
+    from pipeline.config import JudgeChoice
     from pipeline.judge import make_judge
 
-    judge = make_judge("llm", "smollm2")
+    judge = make_judge(JudgeChoice(kind="llm"), "smollm2")
     pairs = [(JUDGE_CASE["query"], JUDGE_CASE["positive"]), (JUDGE_CASE["query"], JUDGE_CASE["unrelated"])]
     batched = judge.score(pairs)
     alone = np.concatenate([judge.score([p]) for p in pairs])
@@ -283,6 +284,7 @@ def test_llm_judge_drops_a_copy_of_the_positive_and_keeps_an_unrelated_passage()
 def test_cross_encoder_judge_is_wired_the_same_way(tmp_path):
     from sentence_transformers import CrossEncoder
 
+    from pipeline.config import JudgeChoice
     from pipeline.judge import make_judge
     from pipeline.models import resolve_embedder
 
@@ -290,7 +292,7 @@ def test_cross_encoder_judge_is_wired_the_same_way(tmp_path):
     import torch
     torch.manual_seed(0)
     CrossEncoder(resolve_embedder("minilm"), num_labels=1, local_files_only=True).save(str(tmp_path / "ce"))
-    negatives, stats = _judge_mining(make_judge(str(tmp_path / "ce"), "smollm2"))
+    negatives, stats = _judge_mining(make_judge(JudgeChoice(kind="cross_encoder", model=str(tmp_path / "ce")), "smollm2"))
     assert "copy" not in negatives and stats["judged"] == 2 and stats["judge_dropped"] >= 1
 
 
@@ -340,6 +342,7 @@ def test_near_duplicate_queries_of_a_chunk_are_dropped_but_other_chunks_keep_the
 def test_query_judge_drops_queries_its_rubric_rejects():
     """SmolLM2 with the written rubric, deterministic (one forward pass): on-topic queries score at least
     0.5 against their chunk, off-topic and meta replies below, and those are dropped and counted."""
+    from pipeline.config import JudgeChoice
     from pipeline.judge import QUERY_RUBRIC, make_judge
     from pipeline.prep import judge_queries
 
@@ -348,7 +351,7 @@ def test_query_judge_drops_queries_its_rubric_rejects():
                                                    "The claim is not supported by the text.",
                                                    "what does lactase break lactose into",
                                                    "How tall is the Eiffel Tower?")]
-    keep, summary = judge_queries(qa, passage, make_judge("llm", "smollm2", template=QUERY_RUBRIC), 0.5)
+    keep, summary = judge_queries(qa, passage, make_judge(JudgeChoice(kind="llm"), "smollm2", template=QUERY_RUBRIC), 0.5)
     assert keep.tolist() == [True, False, True, False]
     assert summary["in"] == 4 and summary["out"] == 2 and len(summary["dropped_examples"]) == 2
 

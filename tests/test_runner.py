@@ -104,6 +104,8 @@ def test_migrate_keeps_an_old_run_folder_on_the_users_word(tmp_path, capsys):
     old_config = yaml.safe_load(dump_config(cfg))
     old_config["train"]["temperature"] = old_config["train"].pop("loss_temperature")  # as schema 1 wrote it
     old_config["train"]["seed"] = old_config["seed"]
+    old_config["sdg"]["num_actors"] = old_config["sdg"].pop("placement")["num_actors"]  # as schema 2 wrote it
+    old_config["train"]["batch_size"] = old_config["train"].pop("queries_per_worker")
     (run.root / "config.yaml").write_text(yaml.safe_dump(old_config))
 
     assert main(["migrate", "--out", str(run.root)]) == 0

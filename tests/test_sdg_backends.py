@@ -33,12 +33,13 @@ def test_json_replies_are_parsed_item_by_item(reply, queries, malformed):
     assert parse_json_queries(reply) == (queries, malformed)
 
 
-def _sdg(**overrides) -> dict:
+def _sdg(*overrides: str):
+    """The sdg section with `overrides` ('server.base_url=...') on top of two questions per chunk."""
     from pipeline.config import load_config
 
     cfg = load_config(None, ["sdg.query_types.question=2", "sdg.query_types.keyword=0", "sdg.temperature=0.7",
-                             *[f"sdg.{k}={v}" for k, v in overrides.items()]])
-    return cfg.sdg.model_dump()
+                             *[f"sdg.{o}" for o in overrides]])
+    return cfg.sdg
 
 
 def _chunks(path: Path) -> Path:
@@ -87,8 +88,8 @@ def vllm_server(tmp_path_factory):
 
 
 def test_openai_backend_writes_queries_through_a_real_vllm_server(vllm_server, tmp_path):
-    sdg = _sdg(backend="openai", openai_base_url=vllm_server)
-    gen = QueryGenerator("smollm2", str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "shards"), sdg, seed=1)
+    sdg = _sdg("backend=openai", f"server.base_url={vllm_server}")
+    gen = QueryGenerator(str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "shards"), sdg, seed=1)
     summary = gen.process({"shard_id": 0, "start": 0, "stop": 3})
     rows = pq.read_table(tmp_path / "shards" / "shard-00000.parquet").to_pylist()
     assert summary["chunks"] == 3 and summary["queries"] == len(rows) >= 3
@@ -97,8 +98,8 @@ def test_openai_backend_writes_queries_through_a_real_vllm_server(vllm_server, t
 
 
 def test_json_output_through_the_server_never_crashes_and_counts_malformed(vllm_server, tmp_path):
-    sdg = _sdg(backend="openai", openai_base_url=vllm_server, output="json", max_new_tokens=96)
-    gen = QueryGenerator("smollm2", str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "shards"), sdg, seed=1)
+    sdg = _sdg("backend=openai", f"server.base_url={vllm_server}", "output=json", "max_new_tokens=96")
+    gen = QueryGenerator(str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "shards"), sdg, seed=1)
     summary = gen.process({"shard_id": 0, "start": 0, "stop": 3})
     assert summary["chunks"] == 3 and "malformed" in summary
     accounted = ("queries", "malformed", "wrong_shape", "repetitive", "copied_example", "leaked_example", "too_short",
@@ -140,8 +141,8 @@ def test_openai_backend_retries_429_and_503_and_sends_the_key_it_never_logs(vllm
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("RETROFIT_LLM_API_KEY", "sk-secret-123")
     try:
-        sdg = _sdg(backend="openai", openai_base_url=f"http://127.0.0.1:{port}/v1", openai_concurrency=1)
-        gen = QueryGenerator("smollm2", str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "s"), sdg, seed=1)
+        sdg = _sdg("backend=openai", f"server.base_url=http://127.0.0.1:{port}/v1", "server.concurrency=1")
+        gen = QueryGenerator(str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "s"), sdg, seed=1)
         with caplog.at_level("WARNING", logger="retrofit.llm"):
             summary = gen.process({"shard_id": 0, "start": 0, "stop": 1})
     finally:
@@ -156,14 +157,14 @@ def test_unreachable_backend_says_why_and_falls_back_only_when_allowed(tmp_path)
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ValueError, match=f"{dead}/models did not answer.*fallback_backend"):
-        make_engine(_sdg(backend="openai", openai_base_url=dead), "smollm2")
-    engine = make_engine(_sdg(backend="openai", openai_base_url=dead, fallback_backend="transformers"), "smollm2")
+        make_engine(_sdg("backend=openai", f"server.base_url={dead}"))
+    engine = make_engine(_sdg("backend=openai", f"server.base_url={dead}", "placement.fallback_backend=transformers"))
     assert isinstance(engine, TransformersEngine) and engine.origin == "transformers:smollm2"
     try:
         import vllm  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="needs the vllm package"):
-            make_engine(_sdg(backend="vllm"), "smollm2")
+            make_engine(_sdg("backend=vllm"))
 
 
 def test_offline_vllm_engine_generates_on_this_cpu():
@@ -171,17 +172,18 @@ def test_offline_vllm_engine_generates_on_this_cpu():
     from pipeline.models import resolve_llm
 
     assert VLLM_PYTHON.exists(), ".venv-vllm is missing: run `make vllm-venv`"
-    sdg = _sdg(max_new_tokens=32)
+    sdg = _sdg("max_new_tokens=32")
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pipeline.llm import VLLMEngine\n"
+            "from pipeline.config import SDGConfig\n"
             "from pipeline.llm import prompt_messages\n"
             "spec = {'instruction': 'Write one search question that is answered by the text. Reply with the "
             "question only.', 'example_text': 'heapq.heappush pushes an item onto a heap.', "
             "'example_query': 'How do I push onto a heap?'}\n"
-            "engine = VLLMEngine(sys.argv[2], json.loads(sys.argv[3]))\n"
+            "engine = VLLMEngine(sys.argv[2], SDGConfig.model_validate_json(sys.argv[3]))\n"
             "out = engine.generate([prompt_messages('json.dumps serializes obj to a JSON str.', spec)], 3, True)\n"
             "print('REPLIES ' + json.dumps(out))\n")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    proc = subprocess.run([str(VLLM_PYTHON), "-c", code, str(ROOT), resolve_llm("smollm2"), json.dumps(sdg)],
+    proc = subprocess.run([str(VLLM_PYTHON), "-c", code, str(ROOT), resolve_llm("smollm2"), sdg.model_dump_json()],
                           capture_output=True, text=True, timeout=900, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("REPLIES ")), None)
     assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -226,10 +228,11 @@ def test_example_queries_reach_the_llm_before_the_instruction(vllm_server, tmp_p
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Recording)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        sdg = _sdg(backend="openai", openai_base_url=f"http://127.0.0.1:{port}/v1", openai_concurrency=1,
-                   example_queries=str(examples))
-        gen = QueryGenerator("smollm2", str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "s"), sdg, seed=1)
-        summary = gen.process({"shard_id": 0, "start": 0, "stop": 1})
+        sdg = _sdg("backend=openai", f"server.base_url=http://127.0.0.1:{port}/v1", "server.concurrency=1",
+                   f"example_queries={examples}")
+        gen = QueryGenerator(str(_chunks(tmp_path / "chunks.parquet")), str(tmp_path / "s"), sdg, seed=1)
+        # Three chunks: a sampled reply for one chunk may fail every filter; three rarely all do.
+        summary = gen.process({"shard_id": 0, "start": 0, "stop": 3})
     finally:
         server.shutdown()
     assert summary["queries"] >= 1 and _Recording.bodies

@@ -51,10 +51,9 @@ def test_shard_tasks_skip_finished_shards():
 def test_queries_scale_with_chunk_length_when_asked():
     from pipeline.sdg import queries_for
 
-    assert queries_for(40, 3, {}) == 3  # off by default
-    sdg = {"length_reference_tokens": 200}
-    assert [queries_for(t, 3, sdg) for t in (10, 70, 130, 200, 400)] == [1, 1, 2, 3, 3]
-    assert queries_for(10, 0, sdg) == 0
+    assert queries_for(40, 3, None) == 3  # off by default
+    assert [queries_for(t, 3, 200) for t in (10, 70, 130, 200, 400)] == [1, 1, 2, 3, 3]
+    assert queries_for(10, 0, 200) == 0
 
 
 def test_every_packaged_query_type_has_what_the_generator_needs():
@@ -82,8 +81,8 @@ def test_multihop_queries_pair_a_chunk_with_the_next_of_its_document(tmp_path):
             for cid, t in texts.items()]
     pq.write_table(pa.Table.from_pylist(rows, CHUNK_SCHEMA), tmp_path / "chunks.parquet")
     sdg = load_config(None, ["sdg.query_types.question=0", "sdg.query_types.keyword=0", "sdg.query_types.multihop=1",
-                             "sdg.temperature=0"]).sdg.model_dump()
-    gen = QueryGenerator("smollm2", str(tmp_path / "chunks.parquet"), str(tmp_path / "shards"), sdg, seed=1)
+                             "sdg.temperature=0"]).sdg
+    gen = QueryGenerator(str(tmp_path / "chunks.parquet"), str(tmp_path / "shards"), sdg, seed=1)
     summary = gen.process({"shard_id": 0, "start": 0, "stop": 3})  # B#1 lies past the shard's edge
     assert summary["pairs"] == 2  # A#0+A#1 and B#0+B#1; A#1's successor is another document
     out = pq.read_table(tmp_path / "shards" / "shard-00000.parquet").to_pylist()

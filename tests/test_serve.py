@@ -36,7 +36,7 @@ def test_stopping_our_endpoint_leaves_other_serve_applications_running(endpoint)
 
     url, export_dir, _ = endpoint
     serve.run(Other.bind(), name="someone-elses-app", route_prefix="/other")
-    cfg = load_config(None, [f"serve.port={url.rsplit(':', 1)[1]}", "serve.cpus_per_replica=0.1"])
+    cfg = load_config(None, [f"serve.port={url.rsplit(':', 1)[1]}", "serve.placement.cpus_per_replica=0.1"])
     app.start(str(export_dir), "test-model", cfg.serve, app_name="retrofit-second", route_prefix="/second")
     app.stop("retrofit-second")
     apps = serve.status().applications
@@ -156,7 +156,7 @@ def test_overload_answers_503_quickly_and_the_server_stays_healthy(endpoint):
 
     _, export_dir, _ = endpoint
     port = int(endpoint[0].rsplit(":", 1)[1])
-    cfg = load_config(None, [f"serve.port={port}", "serve.max_batch_size=1", "serve.max_ongoing_requests=1",
+    cfg = load_config(None, [f"serve.port={port}", "serve.requests_per_batch=1", "serve.max_ongoing_requests=1",
                              "serve.max_queued_requests=1"])
     url = app.start(str(export_dir), "tiny", cfg.serve, app_name="tiny", route_prefix="/tiny")
     try:

@@ -67,7 +67,7 @@ def test_killed_worker_resumes_exactly_with_two_deepspeed_workers(tmp_path, ray_
 
     run = _prep_run(tmp_path / "run")
     cfg = load_config(None, ["corpus.chunk_tokens=32", "corpus.chunk_overlap=8",
-                             "train.num_workers=2", "train.engine=deepspeed", "train.batch_size=2",
+                             "train.num_workers=2", "train.engine=deepspeed", "train.queries_per_worker=2",
                              "train.epochs=2", "train.checkpoint_every_steps=4", "train.max_query_tokens=48",
                              "train.max_passage_tokens=32", "train.negatives_per_query=1", "train.keep=last",
                              # A hard task (loss ~2, not ~1e-4), so equal losses mean something.
@@ -129,7 +129,7 @@ def test_last_epoch_reaches_the_kept_model_without_step_checkpoints(tmp_path, ra
 
     run = _prep_run(tmp_path / "run")
     cfg = load_config(None, ["corpus.chunk_tokens=32", "corpus.chunk_overlap=8",
-                             "train.engine=ddp", "train.batch_size=16", "train.epochs=3", "train.keep=last",
+                             "train.engine=ddp", "train.queries_per_worker=16", "train.epochs=3", "train.keep=last",
                              "train.max_query_tokens=32", "train.max_passage_tokens=32", "train.negatives_per_query=1"])
     assert run_stage("train", cfg, run) == "completed"
     counts = json.loads((run.root / "train" / "manifest.json").read_text())["counts"]
@@ -147,6 +147,6 @@ def test_workers_this_ray_can_never_place_are_a_clear_error_not_a_hang(tmp_path,
 
     run = _prep_run(tmp_path / "run")
     cfg = load_config(None, ["corpus.chunk_tokens=32", "corpus.chunk_overlap=8", "train.num_workers=2",
-                             "train.cpus_per_worker=4", "train.max_passage_tokens=32"])
+                             "train.placement.cpus_per_worker=4", "train.max_passage_tokens=32"])
     with pytest.raises(RetrofitError, match=r"train needs \{'CPU': 8.0\}.*in all"):
         run_stage("train", cfg, run)
