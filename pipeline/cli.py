@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.export import ParityError
     from pipeline.rundir import StageInputMissing
 
+    ray_was_running = _ray_running()  # a caller's Ray (main() used as a library) is the caller's to stop
     try:
         if args.command == "config":
             print(dump_config(_config(args)), end="")
@@ -281,15 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retrofit: error: {e}", file=sys.stderr)
         return 2
     finally:
-        _shutdown_ray()
+        if not ray_was_running and _ray_running():
+            import ray
 
-
-def _shutdown_ray() -> None:
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
             ray.shutdown()
+
+
+def _ray_running() -> bool:
+    if "ray" not in sys.modules:  # never imported: nothing started it
+        return False
+    import ray
+
+    return ray.is_initialized()
 
 
 if __name__ == "__main__":

@@ -113,6 +113,19 @@ def test_migrate_keeps_an_old_run_folder_on_the_users_word(tmp_path, capsys):
     assert load_config(run.root / "config.yaml") == cfg
     assert run_stage("prep", cfg, run) == "skipped"
 
+def test_the_cli_leaves_a_ray_it_did_not_start_running(ray_local):
+    """main() called from Python (a notebook, a test, another tool) must not stop the caller's Ray: stopping it
+    mid-session sent later Ray work in that process to a second embedded Ray (in the test suite, the
+    one under which a later training run lost its Ray services)."""
+    import ray
+
+    from pipeline.cli import main
+
+    assert ray.is_initialized()
+    assert main(["config", "show"]) == 0
+    assert ray.is_initialized()
+
+
 def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
