@@ -45,14 +45,15 @@ def rows_path(data: Path, work: Path, limit: int | None) -> Path:
 def run_ours(train_path: Path, model: str, work: Path, engine: str, profile: bool = False) -> dict:
     import torch
 
-    from pipeline.config import TrainConfig
+    from pipeline.config import TrainConfig, WorkerPlacement
     from pipeline.train import Worker
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29577")
-    tc = TrainConfig(use_gpu=True, lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"], epochs=SETTINGS["epochs"],
+    tc = TrainConfig(use_gpu=True, lr=SETTINGS["lr"], queries_per_worker=SETTINGS["batch_size"], epochs=SETTINGS["epochs"],
                      negatives_per_query=SETTINGS["negatives"], loss_temperature=SETTINGS["temperature"],
                      warmup_ratio=SETTINGS["warmup_ratio"], max_query_tokens=SETTINGS["max_query_tokens"],
-                     max_passage_tokens=SETTINGS["max_passage_tokens"], engine=engine, cpus_per_worker=8)
+                     max_passage_tokens=SETTINGS["max_passage_tokens"], engine=engine,
+                     placement=WorkerPlacement(cpus_per_worker=8))
     log = work / f"ours_{engine}_{profile}.jsonl"
     config = {"train": tc, "seed": 13, "base_model": model, "train_path": str(train_path),
               "val_path": None, "log_path": str(log), "tensorboard_dir": str(work / "tb")}
