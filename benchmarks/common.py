@@ -14,10 +14,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def relative_paths(text: str) -> str:
     """This machine's absolute paths under the repository (and its parent, where ../shared lives) written
-    relative to the repository root, so a committed result names no one's home folder."""
+    relative to the repository root, and others under the home folder as ~/, so a committed result names
+    no one's home folder."""
     # Only where a path starts (a JSON string, or a `--set key=value`): "benchmarks/work/" stays as it is.
     text = re.sub(rf'(?<=["=]){re.escape(str(ROOT))}/', "", text)
-    return re.sub(rf'(?<=["=]){re.escape(str(ROOT.parent))}/', "../", text)
+    text = re.sub(rf'(?<=["=]){re.escape(str(ROOT.parent))}/', "../", text)
+    return re.sub(rf'(?<=["=]){re.escape(str(Path.home()))}/', "~/", text)  # caches: ~/.cache/retrofit/...
 
 
 def machine() -> dict:
