@@ -170,10 +170,9 @@ def write_shard(table: pa.Table, shard_dir: Path, shard_id: int, summary: dict) 
 def queries_for(n_tokens: int, n: int, reference_tokens: int | None) -> int:
     """Queries to keep for a chunk: n, or with sdg.length_reference_tokens set, n scaled by the chunk's
     length against that reference (at least 1, at most n: short chunks hold fewer distinct questions)."""
-    ref = reference_tokens
-    if not ref or not n:
+    if not reference_tokens or not n:
         return n
-    return max(1, min(n, round(n * n_tokens / ref)))
+    return max(1, min(n, round(n * n_tokens / reference_tokens)))
 
 
 def parse_json_queries(reply: str) -> tuple[list[str], int]:
