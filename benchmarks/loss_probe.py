@@ -8,6 +8,9 @@ claims over the whole corpus. Variants:
 
     .venv/bin/python benchmarks/loss_probe.py mnrl 0.2      # one variant per process; appends to
     .venv/bin/python benchmarks/loss_probe.py mse 0.2       # benchmarks/work/loss_probe/results.jsonl
+    .venv/bin/python benchmarks/loss_probe.py mse 0.2 benchmarks/work/scifact-1500         # its SDG queries
+    .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 titles:benchmarks/work/scifact-1500  # titles as queries
+The last two need a run folder with sdg/ and prep/ (e.g. from benchmarks/scifact.py --docs 1500).
 """
 import json, sys, time, random
 import numpy as np, torch
@@ -24,6 +27,13 @@ from datasets import Dataset
 import bm25s, Stemmer, pytrec_eval
 torch.set_num_threads(2)
 variant = sys.argv[1]; lam = float(sys.argv[2]) if len(sys.argv) > 2 else 0.2
+# Optional third argument: a run folder whose SDG queries (zero-label, on its train-split documents) replace the
+# human train claims. This asks the GPL question: does a teacher's graded label rescue noisy synthetic queries?
+# "titles:RUN" uses each train-split document's title as its query and the body alone as the positive: a
+# pseudo-query source that needs no LLM.
+source = sys.argv[3] if len(sys.argv) > 3 else ""
+titles_as_queries = source.startswith("titles:")
+synthetic_run = Path(source.removeprefix("titles:")) if source else None
 corpus = [json.loads(l) for l in open(D/"corpus.jsonl")]
 queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in open(D/"queries.jsonl")}
 def qrels(split):
@@ -43,6 +53,24 @@ else:
 stem = Stemmer.Stemmer("english")
 bm = bm25s.BM25(); bm.index(bm25s.tokenize(texts, stopwords="en", stemmer=stem, show_progress=False), show_progress=False)
 pos = {d: i for i, d in enumerate(ids)}
+if synthetic_run is not None:
+    import pandas as pd
+    held_out = set()
+    for split in ("val", "test"):
+        held_out |= set(pd.read_parquet(synthetic_run / "prep" / f"{split}.parquet").positive_doc_id)
+    qa = pd.read_parquet(synthetic_run / "sdg" / "qa.parquet")
+    qa = qa[~qa.doc_id.isin(held_out) & qa.doc_id.isin(set(ids))]
+    queries = {f"syn{i}": q for i, q in enumerate(qa["query"])}
+    tr = {f"syn{i}": {d: 1} for i, d in enumerate(qa.doc_id)}
+    variant_label = f"{variant} synthetic:{synthetic_run.name}"
+    if titles_as_queries:
+        docs = sorted(set(qa.doc_id))
+        queries = {f"title{i}": corpus[pos[d]]["title"] for i, d in enumerate(docs)}
+        tr = {f"title{i}": {d: 1} for i, d in enumerate(docs)}
+        variant_label = f"{variant} titles:{synthetic_run.name}"
+    queries.update({json.loads(l)["_id"]: json.loads(l)["text"] for l in open(D/"queries.jsonl")})
+else:
+    variant_label = variant
 trq = sorted(tr); rng = random.Random(0)
 qemb = m.encode([queries[q] for q in trq], normalize_embeddings=True)
 qtok = bm25s.tokenize([queries[q] for q in trq], stopwords="en", stemmer=stem, show_progress=False, return_ids=False)
@@ -56,7 +84,7 @@ for i, q in enumerate(trq):
     for d in tr[q]:
         if d not in pos: continue
         p = pos[d]
-        rows.append({"q": queries[q], "p": texts[p], "negs": [texts[j] for j in negs],
+        rows.append({"q": queries[q], "p": corpus[p]["text"] if titles_as_queries else texts[p], "negs": [texts[j] for j in negs],
                      "tp": float(teach[p]), "tn": [float(teach[j]) for j in negs]})
 print(variant, lam, "rows", len(rows), flush=True)
 student = SentenceTransformer(base, device="cpu"); student.max_seq_length = 128
@@ -96,4 +124,4 @@ def evaluate(model, name):
         f.write(json.dumps({"variant": name, "ndcg@10": round(ndcg, 4), "recall@100": round(rec100, 4)}) + "\n")
 if variant == "mnrl" and not (WORK / "base_done").exists():
     evaluate(m, "base"); (WORK / "base_done").touch()
-evaluate(student, f"{variant} lam={lam}")
+evaluate(student, f"{variant_label} lam={lam} rows={len(rows)}")
