@@ -35,7 +35,8 @@ source = sys.argv[3] if len(sys.argv) > 3 else ""
 titles_as_queries = source.startswith("titles:")
 synthetic_run = Path(source.removeprefix("titles:")) if source else None
 corpus = [json.loads(l) for l in open(D/"corpus.jsonl")]
-queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in open(D/"queries.jsonl")}
+human_queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in open(D/"queries.jsonl")}
+queries = human_queries
 def qrels(split):
     out = {}
     for i, l in enumerate(open(D/"qrels"/f"{split}.tsv")):
@@ -68,7 +69,7 @@ if synthetic_run is not None:
         queries = {f"title{i}": corpus[pos[d]]["title"] for i, d in enumerate(docs)}
         tr = {f"title{i}": {d: 1} for i, d in enumerate(docs)}
         variant_label = f"{variant} titles:{synthetic_run.name}"
-    queries.update({json.loads(l)["_id"]: json.loads(l)["text"] for l in open(D/"queries.jsonl")})
+    queries.update(human_queries)  # the test claims are scored at the end
 else:
     variant_label = variant
 trq = sorted(tr); rng = random.Random(0)

@@ -33,11 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+DEFAULT_SEED = 13  # the pipeline's default run seed
 SETTINGS = {"batch_size": 16, "negatives": 3, "lr": 2e-5, "warmup_ratio": 0.1, "temperature": 0.05, "epochs": 1,
-            "seed": 13}
+            "seed": DEFAULT_SEED}
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 CORPUS_DOCS = 2000
-METHODS = {"ours": {"workers": 1}, "sentence-transformers": {}, "sentence-transformers-same-duties": {"duties": True},
+ST_SAME_DUTIES = "sentence-transformers-same-duties"
+METHODS = {"ours": {"workers": 1}, "sentence-transformers": {}, ST_SAME_DUTIES: {"duties": True},
            "ours-2-workers": {"workers": 2}}
 # Our stage does two things per checkpoint that a bare SentenceTransformerTrainer run skips: it scores val
 # NDCG@10 (to keep the best checkpoint) and writes a resumable checkpoint (model, optimiser, scheduler, RNG).
@@ -284,10 +286,10 @@ def main() -> int:
                         "peak_tree_rss_over_st": round(ours["peak_rss"]["tree_mib"] / st["peak_rss"]["tree_mib"], 3),
                         "peak_trainer_rss_over_st": round(ours["peak_rss"]["largest_process_mib"]
                                                           / st["peak_rss"]["largest_process_mib"], 3)}
-        if "sentence-transformers-same-duties" in by_name:
+        if ST_SAME_DUTIES in by_name:
             # Wall only: HF's in-loop figure for that run includes its evaluation and checkpoint.
             ratios[name]["examples_per_s_over_st_same_duties"] = round(
-                ours["examples_per_s"] / by_name["sentence-transformers-same-duties"]["examples_per_s"], 3)
+                ours["examples_per_s"] / by_name[ST_SAME_DUTIES]["examples_per_s"], 3)
         print(f"{name} / sentence-transformers: " + ", ".join(f"{k} {v}" for k, v in ratios[name].items()))
     for r in results:
         r.pop("val_per_query")  # the paired test above used them; the file keeps the means
@@ -297,16 +299,16 @@ def main() -> int:
                     "ours_loop_examples_per_s": by_name["ours"]["loop_examples_per_s"],
                     "st_examples_per_s": st["examples_per_s"], "st_loop_examples_per_s": st["loop_examples_per_s"],
                     "ours_val_ndcg10": by_name["ours"]["val_ndcg@10"], "st_val_ndcg10": st["val_ndcg@10"]}
-        if "sentence-transformers-same-duties" in by_name:
-            headline["st_same_duties_examples_per_s"] = by_name["sentence-transformers-same-duties"]["examples_per_s"]
+        if ST_SAME_DUTIES in by_name:
+            headline["st_same_duties_examples_per_s"] = by_name[ST_SAME_DUTIES]["examples_per_s"]
     name = "training" if set(args.methods) == set(METHODS) else "training-" + "-".join(args.methods)
-    if args.seed != 13:
+    seed_arg = f" --seed {args.seed}" if args.seed != DEFAULT_SEED else ""
+    if seed_arg:
         name += f"-seed{args.seed}"
     path = write_result(name, {**headline, "settings": SETTINGS, "data": str(source.relative_to(ROOT))
                                if source.is_relative_to(ROOT) else "--work/data (outside the repository)",
                                "results": results, "ratios": ratios,
-                               "command": "benchmarks/training.py --methods " + " ".join(args.methods)
-                                          + (f" --seed {args.seed}" if args.seed != 13 else "")})
+                               "command": "benchmarks/training.py --methods " + " ".join(args.methods) + seed_arg})
     print(f"wrote {path.relative_to(ROOT)}")
     if headline:
         print(f"examples/s ours/ST: wall {ratios['ours']['examples_per_s_over_st']:.2f}x, "
