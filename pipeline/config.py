@@ -219,6 +219,8 @@ class PrepConfig(Section):
 class TrainConfig(Section):
     base_model: str = Field("minilm", description="'minilm' (packaged all-MiniLM-L6-v2) or a model folder.")
     epochs: int = Field(3, ge=1, le=100)
+    max_steps: int = Field(0, ge=0, description="Stop after this many steps in all, with a checkpoint there (0: "
+                           "every epoch to the end); the warmup and cosine schedule span the steps actually run.")
     queries_per_worker: int = Field(16, ge=2, description="Queries per step on each worker; every worker's "
                                     "passages are gathered, so a query is scored against queries_per_worker x "
                                     "num_workers positives.")

@@ -210,6 +210,8 @@ class Worker:
         self.rows = pq.read_table(config["train_path"]).to_pylist()
         self.sampler = BatchSampler(self.rows, tc.queries_per_worker, self.world, self.seed)
         self.total = self.sampler.steps_per_epoch * tc.epochs
+        if tc.max_steps:
+            self.total = min(self.total, tc.max_steps)
         warmup = int(tc.warmup_ratio * self.total)
         schedule = lambda s: lr_lambda(s, self.total, warmup)  # noqa: E731
 
@@ -238,7 +240,7 @@ class Worker:
             self.writer = SummaryWriter(config["tensorboard_dir"])
             self.log({"event": "start", "global_step": self.state["global_step"], "world": self.world,
                       "engine": tc.engine, "global_batch": self.sampler.global_batch,
-                      "steps_per_epoch": self.sampler.steps_per_epoch})
+                      "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total})
 
     def log(self, record: dict) -> None:
         with open(self.log_path, "a") as f:
@@ -347,6 +349,8 @@ class Worker:
     def run(self) -> None:
         per_epoch, every = self.sampler.steps_per_epoch, self.tc.checkpoint_every_steps
         losses = []
+        if self.state["global_step"] >= self.total:  # resumed from the final checkpoint: nothing left to do
+            return
         start_epoch, done_in_epoch = divmod(self.state["global_step"], per_epoch)
         for epoch in range(start_epoch, self.tc.epochs):
             for batch in self.sampler.epoch(epoch)[done_in_epoch if epoch == start_epoch else 0:]:
@@ -355,11 +359,12 @@ class Worker:
                 if self.rank == 0:
                     self.log_step(epoch, losses[-1], time.perf_counter() - t0)
                 step = self.state["global_step"]
-                if step % per_epoch == 0 or (every and step % every == 0):
+                last = step == self.total  # train.max_steps may end training inside an epoch
+                if last or step % per_epoch == 0 or (every and step % every == 0):
                     score, stop = self.validate()
                     self.save_checkpoint(epoch, sum(losses) / len(losses), score)
                     losses = []
-                    if stop:
+                    if stop or last:
                         return
 
     def close(self) -> None:
@@ -396,7 +401,8 @@ def follow_progress(log_path: Path, epochs: int, every_s: float = 2.0, every_ste
 
     def show(r: dict) -> None:
         if r.get("event") == "start":  # also after a restart: the rate counts from where it resumed
-            state.update(total=r["steps_per_epoch"] * epochs, first=r["global_step"], t0=time.perf_counter())
+            state.update(total=r.get("total_steps") or r["steps_per_epoch"] * epochs, first=r["global_step"],
+                         t0=time.perf_counter())
         elif r.get("event") == "val":
             print(f"[train] val NDCG@10 {r['ndcg@10']:.4f} at step {r['global_step']}", flush=True)
         elif "loss" in r and (r["step"] + 1) % every_steps == 0:

@@ -150,3 +150,32 @@ def test_workers_this_ray_can_never_place_are_a_clear_error_not_a_hang(tmp_path,
                              "train.placement.cpus_per_worker=4", "train.max_passage_tokens=32"])
     with pytest.raises(RetrofitError, match=r"train needs \{'CPU': 8.0\}.*in all"):
         run_stage("train", cfg, run)
+
+
+def test_max_steps_ends_training_inside_an_epoch_with_a_checkpoint_there(tmp_path, base_model):
+    """train.max_steps=2 of 3 steps per epoch: training stops at step 2, that step is checkpointed (and
+    validated), and the schedule is sized for 2 steps (its lr reaches 0 there), not for the 9 of 3 epochs."""
+    from pipeline.config import load_config
+    from pipeline.train import Worker
+
+    run = _prep_run(tmp_path / "run")
+    cfg = load_config(None, ["corpus.chunk_tokens=32", "corpus.chunk_overlap=8", "train.engine=ddp",
+                             "train.queries_per_worker=16", "train.epochs=3", "train.max_steps=2",
+                             "train.max_query_tokens=32", "train.max_passage_tokens=32", "train.negatives_per_query=1"])
+    reports = []
+    config = {"train": cfg.train, "seed": 13, "base_model": base_model,
+              "train_path": str(run.root / "prep" / "train.parquet"), "val_path": str(run.root / "prep" / "val.parquet"),
+              "log_path": str(tmp_path / "log.jsonl"), "tensorboard_dir": str(tmp_path / "tb")}
+    worker = Worker(config, rank=0, world=1, resume_dir=None,
+                    report=lambda metrics, folder: reports.append((metrics, sorted(p.name for p in folder.iterdir()))))
+    try:
+        worker.run()
+    finally:
+        worker.close()
+    assert worker.sampler.steps_per_epoch == 3  # ceil(40 rows / 16): the limit falls inside epoch 0
+    assert [(m["global_step"], m["epoch"]) for m, _ in reports] == [(2, 0)]
+    assert "val_ndcg@10" in reports[0][0] and "model" in reports[0][1]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[0]["total_steps"] == 2
+    assert [r["step"] for r in log if "loss" in r and "event" not in r] == [0, 1]
+    assert worker.engine.lr == 0.0  # cosine schedule over the 2 steps run, ended
