@@ -12,6 +12,7 @@ No column whose id is one of the query's positives is ever a negative, whichever
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import Counter
@@ -34,10 +35,15 @@ def positive_set(row: dict) -> set[str]:
     return set(row.get("positive_ids") or []) | {row["positive_id"]}
 
 
-def _conflict_keys(row: dict) -> set[str]:
+def _conflict_keys(row: dict) -> set[int]:
     """What two rows of one batch must not share (sentence-transformers' NoDuplicatesBatchSampler compares
-    every text column): the query text, any positive id, the positive text."""
-    return {"q:" + row["query"], "t:" + row["positive_text"]} | {"p:" + p for p in positive_set(row)}
+    every text column): the query text, any positive id, the positive text. Kept as 64-bit digests, the
+    same in every worker process (str hashes are not), so 100K rows' keys do not hold a copy of their texts."""
+    return {_digest("q", row["query"]), _digest("t", row["positive_text"])} | {_digest("p", p) for p in positive_set(row)}
+
+
+def _digest(kind: str, text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{kind}:{text}".encode(), digest_size=8).digest(), "little")
 
 
 def _linked_groups(keys: list[set[str]]) -> list[int]:
@@ -68,6 +74,9 @@ class BatchSampler:
     few compatible rows to fill a batch (a query with more positives than there are batches), it is
     filled anyway: the loss masks those columns, so a conflict costs negatives, never correctness.
     """
+
+    # Row columns the sampler reads; the worker gives it only these, and takes each step's full rows later.
+    COLUMNS = ("query", "positive_id", "positive_ids", "positive_text")
 
     def __init__(self, rows: list[dict], per_worker: int, world: int, seed: int):
         n = len(rows)

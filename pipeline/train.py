@@ -207,8 +207,10 @@ class Worker:
         self.seed = config["seed"]
         torch.manual_seed(self.seed)
 
-        self.rows = pq.read_table(config["train_path"]).to_pylist()
-        self.sampler = BatchSampler(self.rows, tc.queries_per_worker, self.world, self.seed)
+        # The rows stay an Arrow table (compact, no Python object per text); each step takes its own rows.
+        self.rows = pq.read_table(config["train_path"])
+        self.sampler = BatchSampler(self.rows.select(BatchSampler.COLUMNS).to_pylist(), tc.queries_per_worker,
+                                    self.world, self.seed)
         self.total = self.sampler.steps_per_epoch * tc.epochs
         if tc.max_steps:
             self.total = min(self.total, tc.max_steps)
@@ -274,7 +276,7 @@ class Worker:
         import torch.distributed as dist
 
         tc = self.tc
-        parts = [[self.rows[i] for i in self.sampler.worker_rows(batch, w)] for w in range(self.world)]
+        parts = [self.rows.take(self.sampler.worker_rows(batch, w)).to_pylist() for w in range(self.world)]
         layout = StepLayout.build(parts, tc.negatives_per_query)
         queries, passages = [r["query"] for r in parts[self.rank]], layout.passages[self.rank]
 
