@@ -115,17 +115,24 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 # ---------------------------------------------------------------- the instant LLM (a load generator)
 
 def instant_replies(prompt: str, n: int) -> list[str]:
-    """n distinct queries that pass SDG's shape filters, made of the chunk's own words (seeded by the
-    text, so a rerun gets the same replies): a question, or a keyword query when the prompt asks for one."""
+    """n distinct queries that pass SDG's filters, made of the chunk's own words (seeded by the text, so a
+    rerun gets the same replies): a question, or a keyword query when the prompt asks for one."""
+    from pipeline.sdg import repetitive
+
     text = prompt[len("Text: "):prompt.rfind("\n\n")] if prompt.startswith("Text: ") else prompt
-    instruction = prompt[prompt.rfind("\n\n"):]
+    keyword = "keyword" in prompt[prompt.rfind("\n\n"):]
     words = list(dict.fromkeys(identifiers(text))) or ["python", "module", "function"]
-    random.Random(zlib.crc32(text.encode())).shuffle(words)
-    words = (words * 3)[:max(3 * n, 3)]
-    picks = [words[3 * i:3 * i + 3] for i in range(n)]
-    if "keyword" in instruction:
-        return [" ".join(p) for p in picks]
-    return [f"What does {a} do with {b} and {c}?" for a, b, c in picks]
+    rng = random.Random(zlib.crc32(text.encode()))
+    replies: list[str] = []
+    for attempt in range(50 * n):  # three words at a time; skip picks that repeat a word (SDG drops those)
+        a, b, c = rng.sample(words * 3 if len(words) < 3 else words, 3)
+        query = f"{a} {b} {c}" if keyword else f"What does {a} do with {b} and {c}?"
+        if not repetitive(query) and query.lower() not in (r.lower() for r in replies):
+            replies.append(query)
+            if len(replies) == n:
+                break
+    return replies + [f"{words[0]} {i}" if keyword else f"What is {words[0]} number {i}?"
+                      for i in range(n - len(replies))]
 
 
 class InstantLLM(BaseHTTPRequestHandler):
