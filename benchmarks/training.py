@@ -235,41 +235,10 @@ def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), {k: round(v) for k, v in peak.items()}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "training"),
-                    help="Scratch folder: the data (built on first use) and each method's run.")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--seed", type=int, default=SETTINGS["seed"], help="Both trainers' seed (shuffle, dropout).")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    SETTINGS["seed"] = args.seed
-    work = Path(args.work).resolve()
-    source = work / "data"
-    if args.child:
-        print("RESULT " + json.dumps(child(args.child, work, source)), flush=True)
-        return 0
-    build_data(source)
-
-    from benchmarks.common import write_result
+def compare(by_name: dict) -> dict:
+    """Each of our rows against bare sentence-transformers in the same round (same seed)."""
     from pipeline.report import paired_test
 
-    results = []
-    for method in args.methods:
-        proc, peak = run_measured([sys.executable, __file__, "--child", method, "--work", str(work),
-                                   "--seed", str(args.seed)])
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-            return 1
-        results.append({**json.loads(line[len("RESULT "):]), "peak_rss": peak})
-    print(f"{'method':22} {'batch':>5} {'steps':>5} {'seconds':>8} {'examples/s':>10} {'in loop':>8} "
-          f"{'tree MiB':>9} {'trainer MiB':>11} {'val NDCG@10':>11}")
-    for r in results:
-        print(f"{r['method']:22} {r['global_batch']:5d} {r['steps']:5d} {r['seconds']:8.1f} "
-              f"{r['examples_per_s']:10.2f} {r['loop_examples_per_s']:8.2f} {r['peak_rss']['tree_mib']:9d} "
-              f"{r['peak_rss']['largest_process_mib']:11d} {r['val_ndcg@10']:11.4f}")
-    by_name = {r["method"]: r for r in results}
     st = by_name.get("sentence-transformers")
     ratios = {}
     for name, ours in by_name.items():
@@ -290,29 +259,98 @@ def main() -> int:
             # Wall only: HF's in-loop figure for that run includes its evaluation and checkpoint.
             ratios[name]["examples_per_s_over_st_same_duties"] = round(
                 ours["examples_per_s"] / by_name[ST_SAME_DUTIES]["examples_per_s"], 3)
-        print(f"{name} / sentence-transformers: " + ", ".join(f"{k} {v}" for k, v in ratios[name].items()))
+    return ratios
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "training"),
+                    help="Scratch folder: the data (built on first use) and each method's run.")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seed", type=int, default=SETTINGS["seed"], help="Both trainers' seed (shuffle, dropout).")
+    ap.add_argument("--rounds", type=int, default=1, help="Run every method this many times, round r with seed "
+                    "SEED + r and the methods' order reversed every other round (timing noise on a shared "
+                    "machine, and one seed's batch order, are both larger than the gaps measured); the "
+                    "headline figures are medians over rounds, the val difference a mean.")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    SETTINGS["seed"] = args.seed
+    work = Path(args.work).resolve()
+    source = work / "data"
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, work, source)), flush=True)
+        return 0
+    build_data(source)
+
+    from benchmarks.common import write_result
+
+    results, rounds = [], []
+    for r in range(args.rounds):
+        seed = args.seed + r
+        order = args.methods if r % 2 == 0 else args.methods[::-1]
+        by_name = {}
+        for method in order:
+            proc, peak = run_measured([sys.executable, __file__, "--child", method, "--work", str(work),
+                                       "--seed", str(seed)])
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+                return 1
+            by_name[method] = {**json.loads(line[len("RESULT "):]), "peak_rss": peak, "round": r, "seed": seed}
+            print(f"round {r} (seed {seed}) {method}: {by_name[method]['seconds']} s", flush=True)
+        rounds.append({"round": r, "seed": seed, "order": order, "ratios": compare(by_name)})
+        results += by_name.values()
+    print(f"{'round':>5} {'method':22} {'batch':>5} {'steps':>5} {'seconds':>8} {'examples/s':>10} {'in loop':>8} "
+          f"{'tree MiB':>9} {'trainer MiB':>11} {'val NDCG@10':>11}")
     for r in results:
-        r.pop("val_per_query")  # the paired test above used them; the file keeps the means
+        print(f"{r['round']:5d} {r['method']:22} {r['global_batch']:5d} {r['steps']:5d} {r['seconds']:8.1f} "
+              f"{r['examples_per_s']:10.2f} {r['loop_examples_per_s']:8.2f} {r['peak_rss']['tree_mib']:9d} "
+              f"{r['peak_rss']['largest_process_mib']:11d} {r['val_ndcg@10']:11.4f}")
+    for r in rounds:
+        for name, ratio in r["ratios"].items():
+            print(f"round {r['round']} {name} / sentence-transformers: " + ", ".join(f"{k} {v}" for k, v in ratio.items()))
+    for r in results:
+        r.pop("val_per_query")  # the paired tests above used them; the file keeps the means
+    # Over rounds: median speed ratios (each round's pair ran back to back), mean val difference.
+    ratios = {name: {"examples_per_s_over_st": round(median([r["ratios"][name]["examples_per_s_over_st"] for r in rounds]), 3),
+                     "loop_examples_per_s_over_st": round(median([r["ratios"][name]["loop_examples_per_s_over_st"]
+                                                                  for r in rounds]), 3),
+                     "val_ndcg10_minus_st": round(sum(r["ratios"][name]["val_ndcg10_minus_st"] for r in rounds)
+                                                  / len(rounds), 4)}
+              for name in rounds[0]["ratios"]}
+    by_method = {m: [r for r in results if r["method"] == m] for m in args.methods}
     headline = {}
-    if "ours" in by_name and st:
-        headline = {"ours_examples_per_s": by_name["ours"]["examples_per_s"],
-                    "ours_loop_examples_per_s": by_name["ours"]["loop_examples_per_s"],
-                    "st_examples_per_s": st["examples_per_s"], "st_loop_examples_per_s": st["loop_examples_per_s"],
-                    "ours_val_ndcg10": by_name["ours"]["val_ndcg@10"], "st_val_ndcg10": st["val_ndcg@10"]}
-        if ST_SAME_DUTIES in by_name:
-            headline["st_same_duties_examples_per_s"] = by_name[ST_SAME_DUTIES]["examples_per_s"]
+    if "ours" in by_method and "sentence-transformers" in by_method:
+        ours, st = by_method["ours"], by_method["sentence-transformers"]
+        headline = {"ours_examples_per_s": median([r["examples_per_s"] for r in ours]),
+                    "ours_loop_examples_per_s": median([r["loop_examples_per_s"] for r in ours]),
+                    "st_examples_per_s": median([r["examples_per_s"] for r in st]),
+                    "st_loop_examples_per_s": median([r["loop_examples_per_s"] for r in st]),
+                    "ours_val_ndcg10": round(sum(r["val_ndcg@10"] for r in ours) / len(ours), 4),
+                    "st_val_ndcg10": round(sum(r["val_ndcg@10"] for r in st) / len(st), 4), "rounds": args.rounds}
+        if ST_SAME_DUTIES in by_method:
+            headline["st_same_duties_examples_per_s"] = median([r["examples_per_s"] for r in by_method[ST_SAME_DUTIES]])
     name = "training" if set(args.methods) == set(METHODS) else "training-" + "-".join(args.methods)
-    seed_arg = f" --seed {args.seed}" if args.seed != DEFAULT_SEED else ""
-    if seed_arg:
+    extra = f" --seed {args.seed}" if args.seed != DEFAULT_SEED else ""
+    if extra:
         name += f"-seed{args.seed}"
+    if args.rounds > 1:
+        extra += f" --rounds {args.rounds}"
+        name += f"-{args.rounds}rounds"
     path = write_result(name, {**headline, "settings": SETTINGS, "data": str(source.relative_to(ROOT))
                                if source.is_relative_to(ROOT) else "--work/data (outside the repository)",
-                               "results": results, "ratios": ratios,
-                               "command": "benchmarks/training.py --methods " + " ".join(args.methods) + seed_arg})
+                               "results": results, "rounds": rounds, "ratios": ratios,
+                               "command": "benchmarks/training.py --methods " + " ".join(args.methods) + extra})
     print(f"wrote {path.relative_to(ROOT)}")
     if headline:
-        print(f"examples/s ours/ST: wall {ratios['ours']['examples_per_s_over_st']:.2f}x, "
-              f"in loop {ratios['ours']['loop_examples_per_s_over_st']:.2f}x; val NDCG@10 "
+        print(f"examples/s ours/ST (median of {args.rounds} round(s)): wall {ratios['ours']['examples_per_s_over_st']:.3f}x, "
+              f"in loop {ratios['ours']['loop_examples_per_s_over_st']:.3f}x; val NDCG@10 (mean) "
               f"{headline['ours_val_ndcg10']:.4f} vs {headline['st_val_ndcg10']:.4f}")
     return 0
 

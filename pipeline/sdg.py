@@ -348,8 +348,15 @@ def run_stage(cfg, run, rec) -> None:
 
     shards = sorted(shard_dir.glob("shard-*.parquet"))
     origins = shard_origins(shards)
-    qa = pa.concat_tables([pq.read_table(p, schema=QA_SCHEMA) for p in shards])
-    pq.write_table(qa, rec.output("qa.parquet"))
+    # One shard at a time into the final table: the driver never holds more than one shard's rows.
+    qa_rows, examples = 0, []
+    with pq.ParquetWriter(rec.output("qa.parquet"), QA_SCHEMA) as writer:
+        for i, p in enumerate(shards):
+            table = pq.read_table(p, schema=QA_SCHEMA)
+            writer.write_table(table)
+            qa_rows += table.num_rows
+            if table.num_rows and i in (0, len(shards) // 3, 2 * len(shards) // 3):
+                examples.append(table.column("query")[0].as_py())
     totals: dict[str, int] = {}
     nodes = set()
     for p in shards:
@@ -361,7 +368,7 @@ def run_stage(cfg, run, rec) -> None:
     fresh_chunks = sum(int(r["chunks"]) for r in fresh)
     fresh_queries = sum(int(r["queries"]) for r in fresh)
     fresh_tokens = sum(int(r.get("output_tokens", 0)) for r in fresh)
-    rec.manifest.counts = {**totals, "qa_pairs": qa.num_rows, "shards": len(shards), "resumed_shards": len(done),
+    rec.manifest.counts = {**totals, "qa_pairs": qa_rows, "shards": len(shards), "resumed_shards": len(done),
                            "generated_by": origins,
                            "ray_nodes": sorted(n for n in nodes if n),
                            "chunks_per_s": round(fresh_chunks / seconds, 3) if seconds and fresh else None,
@@ -369,8 +376,8 @@ def run_stage(cfg, run, rec) -> None:
                            "output_tokens_per_s": round(fresh_tokens / seconds, 1) if seconds and fresh else None}
     dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "repetitive", "duplicate",
                                              "malformed", "truncated")}
-    print(f"[sdg] {qa.num_rows} queries for {totals.get('chunks', 0)} chunks; dropped/flagged: {dropped}")
-    for q in qa.column("query").to_pylist()[:: max(1, qa.num_rows // 3)][:3]:
+    print(f"[sdg] {qa_rows} queries for {totals.get('chunks', 0)} chunks; dropped/flagged: {dropped}")
+    for q in examples:
         print(f"[sdg]   e.g. {q}")
-    if qa.num_rows == 0:
+    if qa_rows == 0:
         raise RetrofitError("the LLM produced no usable query; see the drop counts in sdg/manifest.json")

@@ -171,3 +171,36 @@ def test_a_reply_that_borrows_the_examples_topic_is_dropped():
     assert leaks_example("Drosophila actomyosin regulates kidney disease risk.", kidney, rare)
     assert not leaks_example("Chronic kidney disease raises the risk of cardiac structures failing.", kidney, rare)
     assert not leaks_example("Higher temperatures raise dengue fever transmission.", chunks[-1], rare)  # its own words
+
+
+def test_finished_shards_become_the_final_table_in_shard_order_without_any_llm(tmp_path):
+    """Every shard already written (a rerun after a crash at the last shard): no LLM actor starts, the
+    final table is the shards' rows in shard order, and the manifest counts them as resumed."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import sdg
+    from pipeline.config import load_config
+    from pipeline.corpus import CHUNK_SCHEMA
+    from pipeline.rundir import RunDir, StageRecorder
+
+    run = RunDir(tmp_path / "run")
+    chunks = [{"chunk_id": f"c{i}", "doc_id": f"d{i}", "title": "", "text": f"text {i}", "chunk_index": 0,
+               "n_tokens": 2} for i in range(5)]
+    with StageRecorder(run, "corpus", "h", {}) as rec:
+        pq.write_table(pa.Table.from_pylist(chunks, CHUNK_SCHEMA), rec.output("chunks.parquet"))
+    cfg = load_config(None, ["sdg.shard_size=2", "sdg.query_types.question=1", "sdg.query_types.keyword=0"])
+    with StageRecorder(run, "sdg", "h", {}) as rec:
+        for shard_id, start in enumerate(range(0, 5, 2)):
+            rows = [{"qa_id": f"c{i}::question0", "query": f"what is text {i}?", "chunk_id": f"c{i}", "doc_id": f"d{i}",
+                     "query_type": "question", "generator": "g", "related_chunk_ids": None}
+                    for i in range(start, min(start + 2, 5))]
+            sdg.write_shard(pa.Table.from_pylist(rows, sdg.QA_SCHEMA), rec.dir / "shards", shard_id,
+                            {"shard_id": shard_id, "chunks": len(rows), "queries": len(rows), "origin": "openai:g"})
+        sdg.run_stage(cfg, run, rec)
+    qa = pq.read_table(run.root / "sdg" / "qa.parquet")
+    assert qa.column("qa_id").to_pylist() == [f"c{i}::question0" for i in range(5)]
+    counts = json.loads((run.root / "sdg" / "manifest.json").read_text())["counts"]
+    assert counts["qa_pairs"] == 5 and counts["shards"] == 3 and counts["resumed_shards"] == 3
