@@ -401,7 +401,7 @@ def main() -> None:
     from benchmarks.common import write_result
 
     result = {
-        "command": "benchmarks/scale.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["benchmarks/scale.py", *sys.argv[1:]]),
         "llm": f"{LOAD_MODEL}: an OpenAI-compatible server on 127.0.0.1 answering at once (load generator, "
                "not a model; its queries are the chunk's words)",
         "corpus": corpus_info,
