@@ -12,10 +12,11 @@ virtual environment (made once):
     python3 -m venv benchmarks/work/infinity-venv
     benchmarks/work/infinity-venv/bin/pip install torch==2.13.0 "infinity-emb[server,torch]==0.0.78"
 
-    .venv/bin/python benchmarks/serving.py [--requests 512] [--skip-infinity]
+    .venv/bin/python benchmarks/serving.py [--requests 512] [--rounds 3] [--skip-infinity]
 
 Prints throughput (requests/s) and p50/p99 latency per system and concurrency, the ratios
-ours/infinity and ours/in-process, and writes benchmarks/results/serving.json.
+ours/infinity and ours/in-process (throughput; p99 against infinity too), and writes
+benchmarks/results/serving.json.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -127,6 +129,14 @@ def start_infinity(model_path: str, port: int) -> subprocess.Popen:
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def print_table(table: dict, title: str) -> None:
+    print(f"-- {title}")
+    print(f"{'system':12} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, rows in table.items():
+        for c, r in rows.items():
+            print(f"{name:12} {c:5d} {r['requests_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}", flush=True)
+
+
 def stop(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -139,6 +149,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=512, help="Requests per concurrency level.")
     ap.add_argument("--skip-infinity", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="Measure every system this many times, the order of the "
+                    "servers alternating per round; the table holds medians, ratios are medians of per-round ratios.")
     ap.add_argument("--set", action="append", default=[], dest="overrides", help="serve.FIELD=VALUE for ours.")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE in our server's environment (Ray's).")
     ap.add_argument("--concurrency", type=int, action="append", help="Only these levels (default: 1, 4, 16, 64).")
@@ -156,40 +168,51 @@ def main() -> int:
     if not (export_dir / "export.json").exists():
         export_onnx(model_path, export_dir, opset=17)
     texts = claims(args.requests)
-    table: dict[str, dict[int, dict]] = {}
 
     import torch
 
     torch.set_num_threads(2)
     st = load_model(model_path, device="cpu")
-    table["in-process"] = {c: in_process(model_path, texts, c, st) for c in levels}
-    del st
-    servers = [("ours", start_ours, str(export_dir), "/v1/embeddings", "/health")]
+    servers = [("ours", lambda port: start_ours(export_dir, port, args.overrides, env), "/v1/embeddings", "/health")]
     if not args.skip_infinity:
-        servers.append(("infinity", start_infinity, model_path, "/embeddings", "/health"))
-    for name, start, artifact, route, health in servers:
-        port = free_port()
-        proc = start(artifact, port) if name == "infinity" else start(Path(artifact), port, args.overrides, env)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}{health}", proc)
-            table[name] = {c: load(f"http://127.0.0.1:{port}{route}", "minilm", texts, c) for c in levels}
-        finally:
-            stop(proc)
+        servers.append(("infinity", lambda port: start_infinity(model_path, port), "/embeddings", "/health"))
+    rounds = []
+    for r in range(args.rounds):
+        table = {"in-process": {c: in_process(model_path, texts, c, st) for c in levels}}
+        # This VM's speed drifts within minutes: alternate which server goes first.
+        for name, start, route, health in (servers if r % 2 == 0 else servers[::-1]):
+            port = free_port()
+            proc = start(port)
+            try:
+                wait_ready(f"http://127.0.0.1:{port}{health}", proc)
+                table[name] = {c: load(f"http://127.0.0.1:{port}{route}", "minilm", texts, c) for c in levels}
+            finally:
+                stop(proc)
+        rounds.append(table)
+        print_table(table, f"round {r + 1} of {args.rounds}")
 
-    print(f"{'system':12} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, rows in table.items():
-        for c, r in rows.items():
-            print(f"{name:12} {c:5d} {r['requests_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
+    # Per system and level, the median of each figure over the rounds; ratios are taken within a round.
+    table = {name: {c: {k: round(statistics.median(t[name][c][k] for t in rounds), 2) for k in rounds[0][name][c]}
+                    for c in levels} for name in rounds[0]}
+    if args.rounds > 1:
+        print_table(table, f"median over {args.rounds} rounds")
     ratios = {}
     for other in ("infinity", "in-process"):
         if other in table:
-            ratios[f"ours/{other}"] = {c: round(table["ours"][c]["requests_per_s"] / table[other][c]["requests_per_s"], 3)
-                                       for c in levels}
+            ratios[f"ours/{other}"] = {c: round(statistics.median(t["ours"][c]["requests_per_s"] / t[other][c]["requests_per_s"]
+                                                                  for t in rounds), 3) for c in levels}
             print(f"throughput ours/{other}: " + ", ".join(f"c={c}: {v:.2f}" for c, v in ratios[f"ours/{other}"].items()))
-    extra = {"ours_over_infinity": ratios["ours/infinity"]} if "ours/infinity" in ratios else {}
-    path = write_result("serving", {"requests": args.requests, "table": table, "ratios": ratios, **extra,
-                                    "ours_settings": args.overrides, "ours_env": env,
-                                    "command": "benchmarks/serving.py" + (" --skip-infinity" if args.skip_infinity else "")})
+    extra = {}
+    if "infinity" in table:
+        extra["ours_over_infinity"] = ratios["ours/infinity"]
+        extra["p99_ours_over_infinity"] = {c: round(statistics.median(t["ours"][c]["p99_ms"] / t["infinity"][c]["p99_ms"]
+                                                                      for t in rounds), 3) for c in levels}
+        print("p99 ours/infinity: " + ", ".join(f"c={c}: {v:.2f}" for c, v in extra["p99_ours_over_infinity"].items()))
+    command = "benchmarks/serving.py" + (f" --rounds {args.rounds}" if args.rounds > 1 else "") + \
+        (" --skip-infinity" if args.skip_infinity else "")
+    path = write_result("serving", {"requests": args.requests, "rounds": args.rounds, "table": table,
+                                    "per_round": rounds if args.rounds > 1 else None, "ratios": ratios, **extra,
+                                    "ours_settings": args.overrides, "ours_env": env, "command": command})
     print(f"wrote {path}")
     return 0
 

@@ -75,6 +75,10 @@ class OnnxEmbedder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # Idle intra-op threads sleep instead of spinning: a spinning thread burns a core that a server's
+        # proxy, its HTTP handling or a neighbouring actor needs (on 2 cores: serving throughput +2-17%, p99
+        # at concurrency 16 about halved; benchmarks/README.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # TensorRT builds from the portable graph; ORT's own providers load the pre-optimised one.
         name = self.info.get("optimized") if optimized and device != "tensorrt" else None
         path = export_dir / (name or "model.onnx")

@@ -15,8 +15,9 @@ import os
 import time
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 log = logging.getLogger("retrofit.serve")
@@ -25,6 +26,13 @@ APP_NAME = "retrofit"
 api = FastAPI(title="Retrofit embeddings")
 # Over-long inputs: NIM's `truncate` values (NONE: a 413 naming the limit), plus OpenAI-style `true`.
 TRUNCATE = {None: "NONE", False: "NONE", "NONE": "NONE", True: "END", "END": "END", "START": "START"}
+
+
+def _json(content: dict) -> Response:
+    """The response body written by orjson straight from numpy: a 384-float vector costs ~7 us instead of
+    ~380 us through FastAPI's encoder and json (time the replica's event loop is not forming batches), and
+    float32's shortest text (exact for a float32 model) halves the bytes the proxy relays."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
@@ -144,8 +152,7 @@ class EmbeddingService:
     async def embeddings(self, request: Request):
         started = time.perf_counter()
         response = await self._embeddings(request)
-        status = response.status_code if isinstance(response, JSONResponse) else 200
-        self.requests.inc(tags={"status": str(status)})
+        self.requests.inc(tags={"status": str(response.status_code)})
         self.latency.observe(time.perf_counter() - started)
         return response
 
@@ -165,10 +172,11 @@ class EmbeddingService:
         emb = await self._embed(texts)
         data = []
         for i, vec in enumerate(emb):
-            value = base64.b64encode(vec.astype("<f4").tobytes()).decode() if fmt == "base64" else vec.tolist()
+            value = (base64.b64encode(vec.astype("<f4").tobytes()).decode() if fmt == "base64"
+                     else np.ascontiguousarray(vec, dtype=np.float32))
             data.append({"object": "embedding", "index": i, "embedding": value})
-        return {"object": "list", "data": data, "model": self.model_name,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+        return _json({"object": "list", "data": data, "model": self.model_name,
+                      "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
     @api.get("/v1/models")
     async def models(self, request: Request):
