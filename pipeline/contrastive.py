@@ -46,7 +46,7 @@ def _digest(kind: str, text: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{kind}:{text}".encode(), digest_size=8).digest(), "little")
 
 
-def _linked_groups(keys: list[set[str]]) -> list[int]:
+def _linked_groups(keys: list[set[int]]) -> list[int]:
     """Each row's group: rows linked by a shared key, directly or through others (union-find)."""
     parent = list(range(len(keys)))
 
@@ -56,7 +56,7 @@ def _linked_groups(keys: list[set[str]]) -> list[int]:
             i = parent[i]
         return i
 
-    first: dict[str, int] = {}
+    first: dict[int, int] = {}
     for i, row_keys in enumerate(keys):
         for k in row_keys:
             parent[root(i)] = root(first.setdefault(k, i))
