@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import Iterator
 
 log = logging.getLogger("retrofit.ray")
@@ -63,6 +64,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # we print our own progress line per shard
     ctx.print_on_execution_start = False
+    # Ray Data's own lines ("Progress bars disabled", "Dataset ... execution finished") go to its log file
+    # (ray-data/ray-data.log in the worker logs folder) only; its errors still reach the console.
+    from ray.data._internal.logging import SessionFileHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.ERROR)
 
 
 def _logs_dir() -> str:
@@ -143,14 +151,17 @@ def map_shards(worker_cls: type, tasks: list[dict], *, ctor_kwargs: dict, use_ra
 
     ensure_ray()  # Ray Data would otherwise start a default Ray that ignores the run's settings
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(_BatchAdapter, fn_constructor_kwargs={"worker_cls": worker_cls, "ctor_kwargs": ctor_kwargs},
-                        batch_size=1, batch_format="pandas",
-                        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(tasks))),
-                        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                        # Ray Data restarts a dead actor forever by default: an actor that dies the same way
-                        # each time (out of memory loading the LLM) would hang the stage, and Ray logs an "E"
-                        # line for every pool (ray#57733). A failed shard fails the stage; a rerun resumes.
-                        max_restarts=0)
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in Ray 2.60, only the deprecated ray_remote_args it warns about.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(_BatchAdapter, fn_constructor_kwargs={"worker_cls": worker_cls, "ctor_kwargs": ctor_kwargs},
+                            batch_size=1, batch_format="pandas",
+                            compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(tasks))),
+                            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                            # Ray Data restarts a dead actor forever by default: an actor that dies the same way
+                            # each time (out of memory loading the LLM) would hang the stage, and Ray logs an "E"
+                            # line for every pool (ray#57733). A failed shard fails the stage; a rerun resumes.
+                            max_restarts=0)
     for row in ds.iter_rows():
         result = dict(row)
         progress.advance(extra=_summary(result))
