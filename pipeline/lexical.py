@@ -13,9 +13,12 @@ RRF_K = 60  # the constant of Cormack et al.'s reciprocal-rank fusion
 
 def bm25_run(corpus: list[dict], queries: dict[str, str], qids: list[str], top_k: int) -> dict[str, dict[str, float]]:
     """Top-k documents per query by BM25, in pytrec_eval's run layout ({qid: {doc_id: score}})."""
+    import logging
+
     import bm25s
     import Stemmer
 
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG at import: its lines reached the console
     stemmer = Stemmer.Stemmer("english")
     texts = [f"{d.get('title') or ''} {d['text']}".strip() for d in corpus]
     index = bm25s.BM25()

@@ -213,6 +213,10 @@ def build_app(export_dir: str, model_name: str, serve_cfg):
 
 def start(export_dir: str, model_name: str, serve_cfg, app_name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Deploy on the current Ray (embedded or cluster) and return the endpoint's base URL."""
+    # Serve's driver-side INFO lines ("Started Serve", "Connecting to existing Serve app ... New http_options
+    # will not be applied": serve.run's own start call, after ours applied them) are not for users; the
+    # replicas' logs are configured in their own processes and keep everything.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
     serve.run(build_app(export_dir, model_name, serve_cfg), name=app_name, route_prefix=route_prefix)
     return f"http://{serve_cfg.host}:{serve_cfg.port}{route_prefix.rstrip('/')}"

@@ -31,6 +31,14 @@ def run_dir(tmp_path_factory):
     return run, output, overrides
 
 
+def test_the_console_shows_progress_not_library_chatter(run_dir):
+    _, output, _ = run_dir
+    assert "[sdg] " in output and "[train] " in output and "[serve] " in output
+    for chatter in ("DEBUG bm25s", "Connecting to existing Serve app", "Started Serve in namespace",
+                    "ray_remote_args", "Progress bars disabled"):
+        assert chatter not in output, chatter
+
+
 def manifest(run, stage):
     return json.loads((run / stage / "manifest.json").read_text())
 
