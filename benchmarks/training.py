@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -260,12 +261,6 @@ def compare(by_name: dict) -> dict:
             ratios[name]["examples_per_s_over_st_same_duties"] = round(
                 ours["examples_per_s"] / by_name[ST_SAME_DUTIES]["examples_per_s"], 3)
     return ratios
-
-
-def median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def main() -> int:

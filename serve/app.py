@@ -29,8 +29,8 @@ TRUNCATE = {None: "NONE", False: "NONE", "NONE": "NONE", True: "END", "END": "EN
 
 
 def _json(content: dict) -> Response:
-    """The response body written by orjson straight from numpy: a 384-float vector costs ~7 us instead of
-    ~380 us through FastAPI's encoder and json (time the replica's event loop is not forming batches), and
+    """The response body written by orjson straight from numpy, not through FastAPI's encoder and json
+    (CPU time the replica's event loop would not spend forming batches; benchmarks/README.md, "Serving"), and
     float32's shortest text (exact for a float32 model) halves the bytes the proxy relays."""
     return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
