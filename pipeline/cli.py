@@ -19,7 +19,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 DEMO_QUERY = "How do I serialize a Python object to a JSON formatted string?"
 
 
-def _common(p: argparse.ArgumentParser, out_help: str = "Run directory (created if missing).",
+def _common(p: argparse.ArgumentParser, out_help: str = "Run directory (created if missing): a local folder or a "
+            "bucket, e.g. s3://bucket/prefix (credentials and endpoint from the environment).",
             force_flag: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config file (see `retrofit config show`).")
     p.add_argument("--set", metavar="SECTION.FIELD=VALUE", action="append", default=[], dest="overrides",
@@ -157,7 +158,8 @@ def _check_eval_flags(args) -> None:
 def _eval_beir(args, cfg) -> None:
     from pipeline.report import format_table, print_wins_and_losses, write_report
     from pipeline.retrieval import evaluate_models
-    from pipeline.models import cache_dir, resolve_embedder
+    from pipeline.models import resolve_embedder
+    from pipeline.storage import cache_dir
     from pipeline.ray_runtime import configure
 
     configure(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)  # used past eval's Ray threshold
@@ -194,7 +196,7 @@ def _migrate(args) -> None:
     from pipeline.rundir import RunDir
 
     run = RunDir(args.out)
-    saved = run.root / "config.yaml"
+    saved = run.pull("config.yaml")
     if not args.config and not args.overrides:
         if not saved.exists():
             raise RetrofitError(f"{saved} is missing: give the run's settings with --config/--set")
@@ -204,8 +206,9 @@ def _migrate(args) -> None:
     else:
         cfg = _config(args)
     saved.write_text(dump_config(cfg))
+    run.push("config.yaml")
     adopted = runner.adopt(cfg, run)
-    print(f"{run.root}: " + (f"kept {', '.join(adopted)} under today's identity" if adopted else "nothing to migrate"))
+    print(f"{run.location}: " + (f"kept {', '.join(adopted)} under today's identity" if adopted else "nothing to migrate"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         run = RunDir(args.out)
         if args.command == "run":
             runner.run_all(cfg, run, force=runner.parse_force(args.force))
-            print(f"\nBase vs fine-tuned on the synthetic test split ({run.root / 'eval' / 'metrics.json'}):")
+            print(f"\nBase vs fine-tuned on the synthetic test split ({run.location}/eval/metrics.json):")
             print((run.root / "eval" / "report.md").read_text().split("```")[1].strip())
             print(*json.loads((run.root / "eval" / "metrics.json").read_text())["verdicts"], sep="\n")
             if not args.no_serve:

@@ -194,8 +194,8 @@ class PrepConfig(Section):
     texts_per_batch: int = Field(64, ge=1, description="Texts per embedding call.")
     fixed_eval_set: bool = Field(True, description="Reuse the test split (documents and queries) of an earlier "
                                  "run on the same corpus, so metrics stay comparable across runs.")
-    eval_set_root: str | None = Field(None, description="Where fixed evaluation sets are kept "
-                                      "(default: ~/.cache/retrofit/eval_sets).")
+    eval_set_root: str | None = Field(None, description="Where fixed evaluation sets are kept: a folder or a "
+                                      "bucket, e.g. s3://bucket/eval-sets (default: ~/.cache/retrofit/eval_sets).")
 
     placement: ActorPlacement = Field(ActorPlacement(), description="Embedding actors, when the corpus is large "
                                       "enough for Ray.")

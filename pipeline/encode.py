@@ -1,10 +1,12 @@
 """Embedding a table's texts in bulk: the one place every stage encodes through.
 
 `encode_parquet` embeds one text column of a Parquet table with any model `embedders.make_encoder`
-takes (a sentence-transformers folder, an ONNX export or an endpoint URL), in shards: through Ray Data
-actors when the table is large (one model per actor) or in-process when small. Shards are written as
-.npy files into a cache folder named by the model's and the table's fingerprints, so a changed model
-or corpus never reuses stale embeddings and an interrupted encode resumes.
+takes (a sentence-transformers folder, an ONNX export or an endpoint URL; a folder may be in a bucket),
+in shards: through Ray Data actors when the table is large (one model per actor) or in-process when
+small. Each shard's texts travel to its worker and its vectors back, so the workers need no folder
+shared with the driver. The driver writes them as .npy files into a cache folder named by the model's
+and the table's fingerprints, so a changed model or corpus never reuses stale embeddings and an
+interrupted encode resumes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pipeline.beir import passage_text
 from pipeline.embedders import is_endpoint, make_encoder
 from pipeline.ray_runtime import map_shards, set_threads
 from pipeline.rundir import tree_fingerprint
+from pipeline.storage import local_copy
 
 SHARD_ROWS = 4096
 
@@ -34,22 +37,16 @@ def texts_of(table, kind: str) -> list[str]:
 
 
 class EncodeWorker:
-    def __init__(self, model_path: str, table_path: str, kind: str, out_dir: str, batch_size: int,
-                 cpus: int | None = None):
+    def __init__(self, model_path: str, kind: str, batch_size: int, cpus: int | None = None):
         if cpus is not None:  # inside a Ray actor: use exactly the CPUs it was given
             set_threads(cpus)
-        self.encoder = make_encoder(model_path, batch_size, threads=cpus)
-        self.table_path, self.kind, self.out_dir = table_path, kind, Path(out_dir)
+        self.encoder = make_encoder(model_path if is_endpoint(model_path) else str(local_copy(model_path)),
+                                    batch_size, threads=cpus)
+        self.kind = kind
 
     def process(self, task: dict) -> dict:
-        start, stop = int(task["start"]), int(task["stop"])
-        table = pq.read_table(self.table_path, memory_map=True).slice(start, stop - start)
-        emb = self.encoder.encode(texts_of(table, self.kind), self.kind)
-        # A private temporary name, then an atomic rename: the cache may be shared by runs working at once.
-        tmp = self.out_dir / f".{int(task['shard_id']):05d}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npy"
-        np.save(tmp, emb)
-        tmp.rename(self.out_dir / f"{int(task['shard_id']):05d}.npy")
-        return {"shard_id": int(task["shard_id"]), "rows": len(emb)}
+        emb = np.ascontiguousarray(self.encoder.encode(list(task["texts"]), self.kind), np.float32)
+        return {"shard_id": int(task["shard_id"]), "rows": len(emb), "vectors": emb.tobytes()}
 
 
 def encode_parquet(model_path: str, table_path: str | Path, kind: str, cache_root: str | Path, *,
@@ -59,20 +56,24 @@ def encode_parquet(model_path: str, table_path: str | Path, kind: str, cache_roo
     table_path = Path(table_path)
     n_rows = pq.ParquetFile(table_path).metadata.num_rows
     # An endpoint has no fingerprint: its embeddings are never cached (a fresh key each call).
-    model_key = f"url{time.time_ns()}" if is_endpoint(model_path) else tree_fingerprint(Path(model_path))
+    model_key = f"url{time.time_ns()}" if is_endpoint(model_path) else tree_fingerprint(local_copy(model_path))
     key = f"{kind}-{model_key}-{tree_fingerprint(table_path)}"
     out_dir = Path(cache_root) / key
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (n_rows + SHARD_ROWS - 1) // SHARD_ROWS
     done = {int(p.stem) for p in out_dir.glob("[0-9]*.npy")}
-    tasks = [{"shard_id": i, "start": i * SHARD_ROWS, "stop": min((i + 1) * SHARD_ROWS, n_rows)}
-             for i in range(n_shards) if i not in done]
-    for _ in map_shards(EncodeWorker, tasks, use_ray=use_ray, num_actors=num_actors, num_cpus=cpus,
-                        num_gpus=num_gpus, resources=resources, label=f"encode {kind} texts",
-                        ctor_kwargs={"model_path": model_path, "table_path": str(table_path), "kind": kind,
-                                     "out_dir": str(out_dir), "batch_size": batch_size,
-                                     "cpus": cpus if use_ray else None}):
-        pass
+    todo = [i for i in range(n_shards) if i not in done]
+    table = pq.read_table(table_path, memory_map=True) if todo else None
+    tasks = [{"shard_id": i, "texts": texts_of(table.slice(i * SHARD_ROWS, SHARD_ROWS), kind)} for i in todo]
+    for result in map_shards(EncodeWorker, tasks, use_ray=use_ray, num_actors=num_actors, num_cpus=cpus,
+                             num_gpus=num_gpus, resources=resources, label=f"encode {kind} texts",
+                             ctor_kwargs={"model_path": model_path, "kind": kind, "batch_size": batch_size,
+                                          "cpus": cpus if use_ray else None}):
+        emb = np.frombuffer(result["vectors"], np.float32).reshape(result["rows"], -1)
+        # A private temporary name, then an atomic rename: the cache may be shared by runs working at once.
+        tmp = out_dir / f".{result['shard_id']:05d}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npy"
+        np.save(tmp, emb)
+        tmp.rename(out_dir / f"{result['shard_id']:05d}.npy")
     if n_rows == 0:
         return np.zeros((0, 0), np.float32)
     emb = np.concatenate([np.load(out_dir / f"{i:05d}.npy") for i in range(n_shards)])

@@ -9,7 +9,8 @@ from pipeline.retrieval import evaluate_models
 
 
 def run_stage(cfg, run, rec) -> None:
-    models = {"base": resolve_embedder(cfg.train.base_model), "fine-tuned": str(run.root / "merge" / "model")}
+    # A location, not this machine's path: Ray workers on other nodes fetch a bucket run's model themselves.
+    models = {"base": resolve_embedder(cfg.train.base_model), "fine-tuned": f"{run.location}/merge/model"}
     result = evaluate_models(run.root / "prep" / "beir_test", models, cfg.eval.top_k,
                              run.root / "cache" / "eval", cfg.eval.texts_per_batch)
     weight = run.require("merge", "eval").counts["weight"]

@@ -187,7 +187,10 @@ def run_stage(cfg, run, rec) -> None:
 def int8_variant(cfg, run, rec) -> dict:
     """Quantise, measure the NDCG@10 it costs on the test split, keep it only within the tolerance."""
     int8_dir = quantize_int8(rec.dir / "onnx", rec.dir / "onnx-int8")
-    result = evaluate_models(run.root / "prep" / "beir_test", {"fp32": str(rec.dir / "onnx"), "int8": str(int8_dir)},
+    for variant in ("onnx", "onnx-int8"):  # Ray workers on other nodes fetch a bucket run's models themselves
+        run.push(f"export/{variant}")
+    result = evaluate_models(run.root / "prep" / "beir_test", {"fp32": f"{run.location}/export/onnx",
+                                                             "int8": f"{run.location}/export/onnx-int8"},
                              cfg.eval.top_k, run.root / "cache" / "eval", cfg.eval.texts_per_batch, references=False)
     loss = result.means["fp32"]["ndcg@10"] - result.means["int8"]["ndcg@10"]
     kept = loss <= cfg.export.int8_max_ndcg_loss
@@ -195,7 +198,7 @@ def int8_variant(cfg, run, rec) -> dict:
                "ndcg@10_loss": round(loss, 5), "tolerance": cfg.export.int8_max_ndcg_loss, "kept": kept}
     (rec.dir / "int8.json").write_text(json.dumps(summary, indent=2))
     if not kept:
-        shutil.rmtree(int8_dir)
+        run.clear("export/onnx-int8")
     print(f"[export] int8 variant: NDCG@10 {summary['ndcg@10_fp32']:.4f} -> {summary['ndcg@10_int8']:.4f} "
           f"({'kept' if kept else 'dropped: loss above ' + str(cfg.export.int8_max_ndcg_loss)})", flush=True)
     return summary

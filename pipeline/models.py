@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import RetrofitError
+from pipeline.storage import cache_dir
 
 # Never reach for a hub at run time: everything is a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,12 +32,6 @@ def _package_dir(module: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def resolve_embedder(name: str) -> str:

@@ -28,8 +28,9 @@ from pipeline.encode import encode_parquet
 from pipeline.errors import RetrofitError
 from pipeline.index import build_index, search
 from pipeline.judge import QUERY_RUBRIC, make_judge
-from pipeline.models import cache_dir, resolve_embedder
+from pipeline.models import resolve_embedder
 from pipeline.rundir import tree_fingerprint
+from pipeline.storage import Folder, cache_dir
 
 SPLIT_SCHEMA = pa.schema([
     ("qa_id", pa.string()), ("query", pa.string()), ("query_type", pa.string()),
@@ -224,13 +225,13 @@ def quantiles(values: list[float]) -> dict:
             "p50": round(float(p50), 4), "p90": round(float(p90), 4)}
 
 
-def eval_set_folder(cfg, chunks_path: Path) -> Path | None:
-    """Where this corpus's fixed evaluation set lives (keyed by the chunks' fingerprint), or None if off."""
+def eval_set_shelf(cfg, chunks_path: Path) -> tuple[Folder, str] | None:
+    """Where this corpus's fixed evaluation set lives: the folder (local or a bucket) holding every
+    corpus's set, and this one's name (the chunks' fingerprint); None if fixed sets are off."""
     if not cfg.prep.fixed_eval_set:
         return None
-    root = Path(cfg.prep.eval_set_root) if cfg.prep.eval_set_root else cache_dir() / "eval_sets"
     # "v2": test queries are no longer round-trip filtered; sets frozen before that are never reused.
-    return root / f"v2-{tree_fingerprint(chunks_path)}"
+    return Folder(cfg.prep.eval_set_root or cache_dir() / "eval_sets"), f"v2-{tree_fingerprint(chunks_path)}"
 
 
 def freeze_eval_set(folder: Path, split_of: dict[str, str], test_rows: list[dict]) -> None:
@@ -284,11 +285,12 @@ def run_stage(cfg, run, rec) -> None:
     qa = unroll_positives(qa, doc_of)
     n_pairs = len(qa)
     group_doc = {r["qa_id"]: r["doc_id"] for r in qa if r["qa_id"] == r["group_id"]}
-    eval_set = eval_set_folder(cfg, chunks_path)
+    shelf = eval_set_shelf(cfg, chunks_path)
+    eval_set = shelf[0].pull(shelf[1]) if shelf else None
     frozen = eval_set is not None and (eval_set / "split.json").exists()
     if frozen:  # an earlier run on this very corpus fixed the split: reuse it so metrics stay comparable
         split_of = json.loads((eval_set / "split.json").read_text())
-        print(f"[prep] reusing the fixed evaluation set {eval_set}", flush=True)
+        print(f"[prep] reusing the fixed evaluation set {shelf[0].location}/{shelf[1]}", flush=True)
     else:
         split_of = split_documents(chunk_docs, cfg.prep.val_fraction,
                                    cfg.prep.test_fraction, cfg.seed)
@@ -358,6 +360,7 @@ def run_stage(cfg, run, rec) -> None:
         splits["test"] = pq.read_table(eval_set / "test.parquet").to_pylist()
     elif eval_set is not None:
         freeze_eval_set(eval_set, split_of, splits["test"])
+        shelf[0].push(shelf[1])  # bucket shelves: last writer wins if two runs freeze one corpus at once
     for name, rows in splits.items():
         pq.write_table(pa.Table.from_pylist(rows, SPLIT_SCHEMA), rec.output(f"{name}.parquet"))
     write_beir(rec.dir / "beir_test", chunks, splits["test"])
@@ -368,4 +371,4 @@ def run_stage(cfg, run, rec) -> None:
                            "documents": {s: sum(1 for v in split_of.values() if v == s) for s in splits},
                            "negatives": stats, "near_duplicates": near_dup, "query_judge": judged,
                            "roundtrip_filter": roundtrip,
-                           "eval_set": {"path": str(eval_set) if eval_set else None, "reused": frozen}}
+                           "eval_set": {"path": f"{shelf[0].location}/{shelf[1]}" if shelf else None, "reused": frozen}}

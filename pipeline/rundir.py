@@ -2,7 +2,8 @@
 
 A manifest records the stage's config hash, the fingerprints of its inputs, counts, timings,
 library versions, its status and fingerprints of what it wrote. A completed stage whose config hash
-and input fingerprints are unchanged is skipped on rerun; anything else reruns it.
+and input fingerprints are unchanged is skipped on rerun; anything else reruns it. A run folder may be a
+bucket (`s3://bucket/prefix`): the stages then work in a local mirror of it (pipeline/storage.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.errors import RetrofitError
+from pipeline.storage import Folder
 
 STAGES = ("corpus", "sdg", "prep", "train", "merge", "eval", "export", "serve")
 VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "ray", "faiss-cpu", "onnxruntime", "pyarrow")
@@ -72,10 +74,8 @@ class Manifest:
         return json.dumps(self.__dict__, indent=2, sort_keys=True, default=str)
 
 
-class RunDir:
-    def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+class RunDir(Folder):
+    """The run folder: a local folder or a bucket URI (see storage.Folder)."""
 
     def stage_dir(self, stage: str) -> Path:
         if stage not in STAGES:
@@ -88,7 +88,7 @@ class RunDir:
         return self.root / stage / "manifest.json"
 
     def read_manifest(self, stage: str) -> Manifest | None:
-        p = self.manifest_path(stage)
+        p = self.pull(f"{stage}/manifest.json")
         if not p.exists():
             return None
         return Manifest(**json.loads(p.read_text()))
@@ -99,13 +99,14 @@ class RunDir:
         tmp = p.with_suffix(".tmp")
         tmp.write_text(m.to_json())
         os.replace(tmp, p)  # atomic: a crash never leaves half a manifest
+        self.push(f"{m.stage}/manifest.json")
 
     def require(self, stage: str, needed_by: str) -> Manifest:
         m = self.read_manifest(stage)
         if m is None or m.status != "completed":
             raise StageInputMissing(
-                f"stage '{needed_by}' needs the output of stage '{stage}' in {self.root / stage}; "
-                f"run `retrofit {stage} --out {self.root}` (or `retrofit run`) first")
+                f"stage '{needed_by}' needs the output of stage '{stage}' in {self.location}/{stage}; "
+                f"run `retrofit {stage} --out {self.location}` (or `retrofit run`) first")
         return m
 
     def outputs_fingerprint(self, stage: str, needed_by: str) -> str:
@@ -159,5 +160,6 @@ class StageRecorder:
         else:
             self.manifest.status = "failed"
             self.manifest.error = f"{exc_type.__name__}: {exc}"
+        self.run.push(self.stage, skip=("manifest.json",))  # the files first: a manifest vouches for them
         self.run.write_manifest(self.manifest)
         return False

@@ -7,7 +7,6 @@ shards (resume). Different identity: its folder is cleared and it runs afresh.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 
@@ -70,11 +69,6 @@ def parse_force(value: str | None) -> set[str]:
     return names
 
 
-def _describe(folder) -> str:
-    files = [f for f in folder.rglob("*") if f.is_file()]
-    return f"{len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB"
-
-
 def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) -> str:
     """Run one batch stage; returns 'skipped' or 'completed' (raises on failure)."""
     stage_hash, inputs = stage_identity(name, cfg, run)
@@ -84,24 +78,26 @@ def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) 
         print(f"[{name}] up to date, skipped (config and inputs unchanged)", flush=True)
         return "skipped"
     old = run.read_manifest(name)
-    folder = run.root / name
     if old is not None and old.config_schema != CONFIG_SCHEMA and not force:
         # Its identity left default settings out: whether today's defaults match what made it is unknown.
         # Redoing it deletes it (hours of SDG, say), so that is the user's call, never a side effect.
-        raise RetrofitError(f"{folder} was made by an older Retrofit (config schema {old.config_schema or 1}, now "
+        raise RetrofitError(f"{run.location}/{name} was made by an older Retrofit (config schema {old.config_schema or 1}, now "
                             f"{CONFIG_SCHEMA}) whose stage identity left settings at their defaults out; it cannot "
-                            f"be checked against this run's settings. Keep it with `retrofit migrate --out {run.root}` "
+                            f"be checked against this run's settings. Keep it with `retrofit migrate --out {run.location}` "
                             f"(you vouch its settings are this run's), redo it with --force {name} (deletes it), or "
                             "write this run to a new --out folder")
     stale = old is not None and (old.config_hash != stage_hash or old.inputs != inputs)
     if force or stale:  # never mix old shards with new settings; say what goes before it goes
-        if folder.exists():
+        held = run.describe(name)
+        if held:
             changed = what_changed(old.settings, settings) if old else ""
             why = ("--force" if force else f"its settings changed ({changed})" if changed
                    else "its inputs or prompts changed")
-            print(f"[{name}] {why}: deleting {folder} ({_describe(folder)})", flush=True)
-        shutil.rmtree(folder, ignore_errors=True)
+            print(f"[{name}] {why}: deleting {run.location}/{name} ({held})", flush=True)
+        run.clear(name)
         rec.dir.mkdir(parents=True)
+    for needed in (*CONSUMES[name], name):  # inputs, and this stage's own finished work (resume)
+        run.pull(needed)
     from pipeline.ray_runtime import configure, ensure_ray
 
     configure(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)
@@ -133,6 +129,7 @@ def adopt(cfg: RetrofitConfig, run: RunDir) -> list[str]:
 def run_all(cfg: RetrofitConfig, run: RunDir, stages=BATCH_STAGES, force: set[str] = frozenset()) -> dict[str, str]:
     """Every stage in order; `force` names the stages to redo even if up to date (see parse_force)."""
     (run.root / "config.yaml").write_text(dump_config(cfg))
+    run.push("config.yaml")
     return {name: run_stage(name, cfg, run, force=name in force) for name in stages}
 
 
@@ -145,12 +142,13 @@ def smoke_serve(cfg: RetrofitConfig, run: RunDir, query: str, keep_serving: bool
 
     run.require("export", "serve")
     ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)
-    export_dir = str(run.root / "export" / "onnx")
-    url = app.start(export_dir, f"retrofit-{run.root.name}", cfg.serve)  # served under app.APP_NAME
+    export_dir = f"{run.location}/export/onnx"  # a bucket location: each replica fetches the model itself
+    url = app.start(export_dir, f"retrofit-{run.name}", cfg.serve)  # served under app.APP_NAME
     try:
         vectors = client.embed(url, [query])
         info = {"url": url, "query": query, "dimension": len(vectors[0]), "status": "answered"}
         (run.stage_dir("serve") / "manifest.json").write_text(json.dumps(info, indent=2))
+        run.push("serve")
         print(f"[serve] {url}/v1/embeddings answered {query!r} with a {len(vectors[0])}-d vector: "
               f"[{', '.join(f'{x:.4f}' for x in vectors[0][:4])}, ...]", flush=True)
         if keep_serving:

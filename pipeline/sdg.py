@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 from pipeline.beir import passage_text
 from pipeline.config import SDGConfig
 from pipeline.errors import RetrofitError
-from pipeline.ray_runtime import map_shards, set_threads
 from pipeline.llm import make_engine, prompt_messages
+from pipeline.ray_runtime import map_shards, set_threads
+from pipeline.rundir import RunDir
 
 log = logging.getLogger("retrofit.sdg")
 
@@ -210,8 +211,13 @@ def parse_json_queries(reply: str) -> tuple[list[str], int]:
 class QueryGenerator:
     """Holds one LLM engine; process() turns one shard of chunks into QA rows."""
 
-    def __init__(self, chunks_path: str, shard_dir: str, sdg: SDGConfig, seed: int):
+    def __init__(self, chunks_path: str, shard_dir: str, sdg: SDGConfig, seed: int, run: str | None = None):
         set_threads(sdg.placement.cpus_per_actor)
+        # With `run` both paths are relative to that run folder: an actor on another node reads its own
+        # node's mirror of a bucket run folder and pushes each finished shard itself.
+        self.run, self.shard_rel = (RunDir(run), shard_dir) if run else (None, None)
+        if self.run:
+            chunks_path, shard_dir = str(self.run.pull(chunks_path)), str(self.run.root / shard_dir)
         self.sdg, self.seed = sdg, seed
         self.prompts = load_prompts(sdg.prompts, sdg.query_types)
         self.examples = load_example_queries(sdg.example_queries)
@@ -297,6 +303,9 @@ class QueryGenerator:
                    "output_tokens": self.engine.output_tokens - tokens_before, "node": current_node(),
                    "origin": self.engine.origin}
         write_shard(pa.Table.from_pylist(rows, QA_SCHEMA), self.shard_dir, shard_id, summary)
+        if self.run:  # the sidecar first, as on disk: the Parquet file marks the shard done
+            for suffix in ("json", "parquet"):
+                self.run.push(f"{self.shard_rel}/shard-{shard_id:05d}.{suffix}")
         return summary
 
 
@@ -342,9 +351,11 @@ def run_stage(cfg, run, rec) -> None:
     fresh = list(map_shards(
         QueryGenerator, tasks, use_ray=True, num_actors=where.num_actors, num_cpus=where.cpus_per_actor,
         num_gpus=where.gpus_per_actor, resources=where.resources, label="sdg",
-        ctor_kwargs={"chunks_path": str(chunks_path), "shard_dir": str(shard_dir), "sdg": cfg.sdg, "seed": cfg.seed}))
+        ctor_kwargs={"chunks_path": "corpus/chunks.parquet", "shard_dir": "sdg/shards", "sdg": cfg.sdg,
+                     "seed": cfg.seed, "run": run.location}))
     seconds = time.perf_counter() - t0
     rec.phase("generate")
+    run.pull("sdg/shards")  # actors on other nodes pushed theirs to the bucket run folder
 
     shards = sorted(shard_dir.glob("shard-*.parquet"))
     origins = shard_origins(shards)

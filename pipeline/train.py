@@ -29,6 +29,7 @@ from pipeline.embedders import load_model
 from pipeline.errors import RetrofitError
 from pipeline.models import resolve_embedder
 from pipeline.ray_runtime import check_resources, set_threads
+from pipeline.rundir import RunDir
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_DIR, ENGINE_DIR, RNG_DIR = "model", "engine", "rng"
@@ -207,8 +208,11 @@ class Worker:
         self.seed = config["seed"]
         torch.manual_seed(self.seed)
 
+        # Paths in `config` are relative to the run folder when it names one ("run"): a worker on another
+        # node then reads and writes its own node's mirror of a bucket run folder, and pushes what it writes.
+        self.run_dir = RunDir(config["run"]) if config.get("run") else None
         # The rows stay an Arrow table (compact, no Python object per text); each step takes its own rows.
-        self.rows = pq.read_table(config["train_path"])
+        self.rows = pq.read_table(self._input(config["train_path"]))
         self.sampler = BatchSampler(self.rows.select(BatchSampler.COLUMNS).to_pylist(), tc.queries_per_worker,
                                     self.world, self.seed)
         self.total = self.sampler.steps_per_epoch * tc.epochs
@@ -232,17 +236,32 @@ class Worker:
             self.engine.load_state(resume_dir / ENGINE_DIR)
             load_rng(resume_dir / RNG_DIR / f"rank{self.rank}.pt")
 
-        self.val = ValidationSet(pq.read_table(config["val_path"]).to_pylist(), tc.val_max_queries) \
+        self.val = ValidationSet(pq.read_table(self._input(config["val_path"])).to_pylist(), tc.val_max_queries) \
             if config.get("val_path") else None
-        self.log_path = Path(config["log_path"])
+        self.outputs = [config["log_path"], config["tensorboard_dir"]]
+        self.log_path = self.run_dir.root / config["log_path"] if self.run_dir else Path(config["log_path"])
+        if self.run_dir and not self.log_path.exists():  # a restart on another node continues the bucket's log
+            self.run_dir.pull(config["log_path"])
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = None
         if self.rank == 0:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(config["tensorboard_dir"])
+            self.writer = SummaryWriter(str(self.run_dir.root / config["tensorboard_dir"] if self.run_dir
+                                            else config["tensorboard_dir"]))
             self.log({"event": "start", "global_step": self.state["global_step"], "world": self.world,
                       "engine": tc.engine, "global_batch": self.sampler.global_batch,
                       "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total})
+
+    def _input(self, path: str) -> Path:
+        return self.run_dir.pull(path) if self.run_dir else Path(path)
+
+    def publish(self) -> None:
+        """Rank 0 sends the log and TensorBoard files to a bucket run folder (at checkpoints and at the end)."""
+        if self.run_dir and self.rank == 0:
+            self.writer.flush()
+            for rel in self.outputs:
+                self.run_dir.push(rel)
 
     def log(self, record: dict) -> None:
         with open(self.log_path, "a") as f:
@@ -338,6 +357,7 @@ class Worker:
                 self.model.save(str(folder / MODEL_DIR), safe_serialization=True)
                 (folder / TRAINER_STATE).write_text(json.dumps(self.state))
             self.report(metrics, folder)
+        self.publish()
 
     def log_step(self, epoch: int, loss: float, seconds: float) -> None:
         step, global_batch = self.state["global_step"], self.sampler.global_batch
@@ -371,6 +391,7 @@ class Worker:
 
     def close(self) -> None:
         if self.writer:
+            self.publish()
             self.writer.close()
 
 
@@ -453,9 +474,12 @@ def run_stage(cfg, run, rec) -> None:
     # resumes; a run with other settings or inputs gets a fresh name and never resumes stale weights.
     identity = hashlib.sha256((rec.manifest.config_hash + json.dumps(rec.manifest.inputs, sort_keys=True))
                               .encode()).hexdigest()[:12]
-    storage = run.root / "cache" / "ray_train"
+    # In a bucket run folder the checkpoints live in the bucket too: any node (or a later machine) resumes.
+    storage = f"{run.location}/cache/ray_train"
     if not log_path.exists():  # a fresh stage folder (new, stale or --force): never resume old checkpoints
-        shutil.rmtree(storage / f"train-{identity}", ignore_errors=True)
+        if run.mirror:
+            run.mirror.delete(f"cache/ray_train/train-{identity}")
+        shutil.rmtree(run.root / "cache" / "ray_train" / f"train-{identity}", ignore_errors=True)
     val_path = run.root / "prep" / "val.parquet"
     has_val = val_path.exists() and pq.ParquetFile(val_path).metadata.num_rows > 0
     per_worker = {"CPU": tc.placement.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
@@ -463,11 +487,12 @@ def run_stage(cfg, run, rec) -> None:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": tc, "seed": cfg.seed, "base_model": resolve_embedder(tc.base_model),
-                           "train_path": str(train_path), "val_path": str(val_path) if has_val else None,
-                           "log_path": str(log_path), "tensorboard_dir": str(rec.dir / "tensorboard")},
+                           "run": run.location, "train_path": "prep/train.parquet",
+                           "val_path": "prep/val.parquet" if has_val else None,
+                           "log_path": "train/train_log.jsonl", "tensorboard_dir": "train/tensorboard"},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=per_worker),
-        run_config=RunConfig(name=f"train-{identity}", storage_path=str(storage),
+        run_config=RunConfig(name=f"train-{identity}", storage_path=storage,
                              # The latest checkpoint is always kept too (Ray never deletes it): resume needs it.
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=2, checkpoint_score_attribute="val_ndcg@10" if has_val else None,
@@ -486,6 +511,7 @@ def run_stage(cfg, run, rec) -> None:
     with chosen.as_directory() as d:
         shutil.copytree(Path(d) / MODEL_DIR, model_dir)
         kept = json.loads((Path(d) / TRAINER_STATE).read_text())
+    run.pull("train/train_log.jsonl")  # rank 0 may have run on another node
     log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     steps = [r for r in log if "loss" in r and "event" not in r]
     vals = [r for r in log if r.get("event") == "val"]

@@ -46,7 +46,9 @@ class EmbeddingService:
                  requests_per_batch: int, batch_wait_timeout_s: float, threads: int = 1, api_key: str | None = None,
                  device: str = "auto"):
         from pipeline.embedders import OnnxEmbedder, pick_device
+        from pipeline.storage import local_copy
 
+        export_dir = str(local_copy(export_dir))  # in a bucket: each replica's node keeps its own copy
         self.embedder = OnnxEmbedder(export_dir, threads=threads, device=pick_device(device, export_dir))
         from ray.util import metrics
 

@@ -80,10 +80,13 @@ def test_killed_worker_resumes_exactly_with_two_deepspeed_workers(tmp_path, ray_
     def records():
         return [r for r in map(_parsed, log.read_text().splitlines()) if r is not None] if log.exists() else []
 
-    def registered_step() -> int:  # the newest checkpoint Ray Train has persisted (merged from both workers)
-        states = (run.root / "cache" / "ray_train").glob("train-*/checkpoint_*/trainer_state.json")
-        steps = [_parsed(p.read_text()) for p in states]  # a file being copied in reads as partial: skipped
-        return max((s["global_step"] for s in steps if s is not None), default=-1)
+    def registered_step() -> int:
+        # The newest checkpoint Ray Train's controller has registered, i.e. what a restart resumes from. Its
+        # files appear earlier (rank 0's before rank 1's report): a kill between the two resumes from the one before.
+        snapshots = (run.root / "cache" / "ray_train").glob("train-*/checkpoint_manager_snapshot.json")
+        states = [_parsed(p.read_text()) for p in snapshots]  # a file being written reads as partial: skipped
+        return max((s["latest_checkpoint_result"]["metrics"]["global_step"] for s in states
+                    if s and s.get("latest_checkpoint_result")), default=-1)
 
     deadline = time.time() + 600
     while time.time() < deadline:
