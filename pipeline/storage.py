@@ -56,7 +56,7 @@ class Mirror:
         try:
             self.fs, self.base = pafs.FileSystem.from_uri(self.uri)
         except Exception as e:  # an unknown scheme or a file system pyarrow was built without
-            raise RetrofitError(f"--out {self.uri}: cannot open this location ({type(e).__name__}: {e})") from e
+            raise RetrofitError(f"{self.uri}: cannot open this location ({type(e).__name__}: {e})") from e
         self.local = mirror_root() / self.folder_name(self.uri)
         self.local.mkdir(parents=True, exist_ok=True)
         (self.local / ".location").write_text(self.uri)  # which bucket this folder mirrors, for a reader

@@ -239,7 +239,7 @@ class Worker:
         self.val = ValidationSet(pq.read_table(self._input(config["val_path"])).to_pylist(), tc.val_max_queries) \
             if config.get("val_path") else None
         self.outputs = [config["log_path"], config["tensorboard_dir"]]
-        self.log_path = self.run_dir.root / config["log_path"] if self.run_dir else Path(config["log_path"])
+        self.log_path = self._local(config["log_path"])
         if self.run_dir and not self.log_path.exists():  # a restart on another node continues the bucket's log
             self.run_dir.pull(config["log_path"])
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,13 +247,16 @@ class Worker:
         if self.rank == 0:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir.root / config["tensorboard_dir"] if self.run_dir
-                                            else config["tensorboard_dir"]))
+            self.writer = SummaryWriter(str(self._local(config["tensorboard_dir"])))
             self.log({"event": "start", "global_step": self.state["global_step"], "world": self.world,
                       "engine": tc.engine, "global_batch": self.sampler.global_batch,
                       "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total})
 
+    def _local(self, path: str) -> Path:
+        return self.run_dir.root / path if self.run_dir else Path(path)
+
     def _input(self, path: str) -> Path:
+        """A file the worker reads: fetched first when the run folder is in a bucket."""
         return self.run_dir.pull(path) if self.run_dir else Path(path)
 
     def publish(self) -> None:

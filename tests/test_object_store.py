@@ -72,7 +72,7 @@ def test_a_bad_bucket_location_is_a_one_line_error(machine, tmp_path):
     machine("a")
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "corpus", "--corpus", "sample", "--out",
                            "nosuchfs://bucket/run"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "--out nosuchfs://bucket/run: cannot open this location" in proc.stderr
+    assert proc.returncode == 2 and "nosuchfs://bucket/run: cannot open this location" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
