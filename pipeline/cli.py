@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Redo these stages even if up to date, deleting their output first: e.g. 'train', "
                         "'prep,train', or 'all' (only when spelled out).")
     p.add_argument("--corpus", metavar="PATH", help="Corpus (folder, .jsonl, .parquet, BEIR folder, saved HF "
-                   "dataset, or 'sample'); same as --set corpus.path=PATH.")
+                   "dataset, or 'sample'; any of these may be in a bucket, e.g. s3://bucket/docs); same as --set "
+                   "corpus.path=PATH.")
     p.add_argument("--example-queries", metavar="FILE", help="Real user queries, one per line (no labels): up to "
                    "8 go into the SDG prompt as style examples; same as --set sdg.example_queries=FILE.")
     p.add_argument("--dev-queries", metavar="SPEC", help="Human queries with relevant documents (BEIR FOLDER[:SPLIT] "
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Submit the whole run (no serving) to a Ray cluster through the Jobs API. "
                                    "--out must be a path every node of the cluster can read and write.")
     _common(p)
-    p.add_argument("--corpus", metavar="PATH", help="Same as --set corpus.path=PATH (a path on the cluster).")
+    p.add_argument("--corpus", metavar="PATH", help="Same as --set corpus.path=PATH (a path on the cluster, or a bucket).")
     p.add_argument("--address", default=os.environ.get("RAY_JOBS_ADDRESS", "http://127.0.0.1:8265"),
                    help="Ray Jobs API of the cluster's head (default: $RAY_JOBS_ADDRESS or http://127.0.0.1:8265).")
     p.add_argument("--follow", action="store_true", help="Stream the job's logs until it ends.")

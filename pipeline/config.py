@@ -111,7 +111,8 @@ class JudgeChoice(Section):
 
 class CorpusConfig(Section):
     path: str = Field("sample", description="Corpus: a folder of .txt/.md files, a .jsonl or .parquet file with "
-                      "id/title/text columns, a BEIR folder, a saved HF dataset, or 'sample' (stdlib docs).")
+                      "id/title/text columns, a BEIR folder, a saved HF dataset, or 'sample' (stdlib docs); "
+                      "any of these may be in a bucket (s3://bucket/docs).")
     format: Literal["auto", "folder", "jsonl", "parquet", "beir", "hf", "sample"] = "auto"
     chunk_tokens: int = Field(200, ge=16, le=8192, description="Chunk length in embedder tokens.")
     chunk_overlap: int = Field(32, ge=0, description="Tokens shared by neighbouring chunks.")

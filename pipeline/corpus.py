@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import RetrofitError
 from pipeline.models import resolve_embedder
+from pipeline.storage import fingerprint_listing, is_remote, local_copy
 
 log = logging.getLogger("retrofit.corpus")
 
@@ -309,7 +310,7 @@ def run_stage(cfg, run, rec) -> None:
     report = ReadReport()
     chunker = None if c.prechunked else Chunker(resolve_embedder(cfg.train.base_model), c.chunk_tokens,
                                                 c.chunk_overlap)
-    docs = read_documents(c.path, c.format, c.sample_docs, report)
+    docs = read_documents(str(local_copy(c.path)), c.format, c.sample_docs, report)  # a bucket: fetched first
     n_chunks = write_chunks(docs, rec.output("chunks.parquet"), chunker, c.max_docs, report)
     rec.manifest.counts = {"documents": report.documents, "chunks": n_chunks, "skipped": report.skipped,
                            "skipped_examples": report.examples}
@@ -325,11 +326,18 @@ def input_fingerprint(cfg) -> str:
         import sys
 
         return f"sample-{sys.version_info[0]}.{sys.version_info[1]}"
+    h = hashlib.sha256()
+    if is_remote(cfg.corpus.path):  # the bucket's listing: nothing is downloaded to see whether it changed
+        listing = fingerprint_listing(cfg.corpus.path)
+        if not listing:
+            raise CorpusError(f"corpus not found: {cfg.corpus.path}")
+        for name, size, mtime in listing:
+            h.update(f"{name}:{size}:{mtime}".encode())
+        return h.hexdigest()[:16]
     p = Path(cfg.corpus.path)
     if not p.exists():
         raise CorpusError(f"corpus not found: {p}")
     files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-    h = hashlib.sha256()
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())

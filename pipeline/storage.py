@@ -37,6 +37,16 @@ def cache_dir() -> Path:
     return root
 
 
+def open_location(uri: str):
+    """(pyarrow file system, path inside it) for a bucket URI."""
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # an unknown scheme, or a file system this pyarrow was built without
+        raise RetrofitError(f"{uri}: cannot open this location ({type(e).__name__}: {e})") from e
+
+
 def mirror_root() -> Path:
     return Path(os.environ["RETROFIT_MIRROR"]) if os.environ.get("RETROFIT_MIRROR") else cache_dir() / "mirror"
 
@@ -50,13 +60,8 @@ class Mirror:
     sync at once."""
 
     def __init__(self, uri: str):
-        import pyarrow.fs as pafs
-
         self.uri = uri.rstrip("/")
-        try:
-            self.fs, self.base = pafs.FileSystem.from_uri(self.uri)
-        except Exception as e:  # an unknown scheme or a file system pyarrow was built without
-            raise RetrofitError(f"{self.uri}: cannot open this location ({type(e).__name__}: {e})") from e
+        self.fs, self.base = open_location(self.uri)
         self.local = mirror_root() / self.folder_name(self.uri)
         self.local.mkdir(parents=True, exist_ok=True)
         (self.local / ".location").write_text(self.uri)  # which bucket this folder mirrors, for a reader
@@ -213,4 +218,19 @@ def local_copy(location: str | Path) -> Path:
         parent = marker.read_text()
         if uri.startswith(parent + "/"):
             return Folder(parent).pull(uri[len(parent) + 1:])
-    return Folder(uri).pull("")
+    if "/" not in uri.partition("://")[2]:  # a whole bucket
+        return Folder(uri).pull("")
+    parent, name = uri.rsplit("/", 1)  # the parent's mirror holds it, whether a file or a folder
+    return Folder(parent).pull(name)
+
+
+def fingerprint_listing(location: str) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) of every file at a bucket location, nothing downloaded: a cheap identity."""
+    import pyarrow.fs as pafs
+
+    fs, base = open_location(location.rstrip("/"))
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.File:
+        return [(base.rsplit("/", 1)[-1], info.size, info.mtime_ns)]
+    found = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return sorted((i.path[len(base) + 1:], i.size, i.mtime_ns) for i in found if i.type == pafs.FileType.File)

@@ -161,5 +161,25 @@ print("max difference", float(np.abs(here - there).max()), here.shape)
     assert proc.returncode == 0, proc.stderr[-4000:]
     diff = float(proc.stdout.split("max difference ")[1].split()[0])
     assert diff < 1e-5 and "(40, 384)" in proc.stdout
-    fetched = tmp_path / "b" / Mirror.folder_name(f"{s3_server['bucket']}/models/minilm") / "model.safetensors"
-    assert fetched.exists()  # machine b fetched it from the bucket
+    # In machine b's mirror of the model's parent folder (the "models" prefix), fetched from the bucket.
+    fetched = tmp_path / "b" / Mirror.folder_name(f"{s3_server['bucket']}/models") / "minilm" / "model.safetensors"
+    assert fetched.exists()
+
+
+def test_documents_in_a_bucket_are_read_and_a_change_there_redoes_the_corpus_stage(machine, s3_server, tmp_path):
+    client = s3_server["client"]
+
+    def put(i: int) -> None:
+        client.put_object(Bucket="retrofit-test", Key=f"docs/note{i}.md", Body=(
+            f"# Release note {i}\n\nFirmware 7.{i}.2 fixes CSC-{1000 + i}: the bootloader hung after a warm "
+            f"reset when the watchdog fired during flash verification on board revision {i}.").encode())
+
+    for i in range(3):
+        put(i)
+    args = ["corpus", "--corpus", f"{s3_server['bucket']}/docs", "--out", f"{s3_server['bucket']}/runs/docs"]
+    machine("a")
+    assert "[corpus] 3 documents" in _retrofit(*args, env_mirror=tmp_path / "a")
+    # Another machine sees the same bucket listing: nothing to redo.
+    assert "[corpus] up to date, skipped" in _retrofit(*args, env_mirror=tmp_path / "b")
+    put(3)  # a document added in the bucket changes the stage's input
+    assert "[corpus] 4 documents" in _retrofit(*args, env_mirror=tmp_path / "b")
