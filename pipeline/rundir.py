@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -160,6 +161,12 @@ class StageRecorder:
         else:
             self.manifest.status = "failed"
             self.manifest.error = f"{exc_type.__name__}: {exc}"
-        self.run.push(self.stage, skip=("manifest.json",))  # the files first: a manifest vouches for them
-        self.run.write_manifest(self.manifest)
+        try:
+            self.run.push(self.stage, skip=("manifest.json",))  # the files first: a manifest vouches for them
+            self.run.write_manifest(self.manifest)
+        except Exception as e:  # a bucket out of reach must not hide why the stage itself failed
+            if exc is None:
+                raise
+            print(f"[{self.stage}] could not record the failure in {self.run.location}: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
         return False

@@ -193,3 +193,20 @@ def test_documents_in_a_bucket_are_read_and_a_change_there_redoes_the_corpus_sta
     assert "[corpus] up to date, skipped" in _retrofit(*args, env_mirror=tmp_path / "b")
     put(3)  # a document added in the bucket changes the stage's input
     assert "[corpus] 4 documents" in _retrofit(*args, env_mirror=tmp_path / "b")
+
+
+def test_a_stage_error_is_not_hidden_by_a_bucket_out_of_reach(machine, s3_server, monkeypatch, capsys):
+    from pipeline.rundir import RunDir, StageRecorder
+
+    machine("a")
+    run = RunDir(f"{s3_server['bucket']}/runs/unreachable")
+    rec = StageRecorder(run, "prep", "hash", {})
+
+    def bucket_gone(*args, **kwargs):
+        raise OSError("connection refused")
+
+    with pytest.raises(ValueError, match="the stage's own error"):
+        with rec:
+            monkeypatch.setattr(run.mirror, "push", bucket_gone)
+            raise ValueError("the stage's own error")
+    assert "could not record the failure in s3://retrofit-test/runs/unreachable: OSError" in capsys.readouterr().err
