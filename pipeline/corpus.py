@@ -326,19 +326,18 @@ def input_fingerprint(cfg) -> str:
         import sys
 
         return f"sample-{sys.version_info[0]}.{sys.version_info[1]}"
-    h = hashlib.sha256()
     if is_remote(cfg.corpus.path):  # the bucket's listing: nothing is downloaded to see whether it changed
         listing = fingerprint_listing(cfg.corpus.path)
         if not listing:
             raise CorpusError(f"corpus not found: {cfg.corpus.path}")
-        for name, size, mtime in listing:
-            h.update(f"{name}:{size}:{mtime}".encode())
-        return h.hexdigest()[:16]
-    p = Path(cfg.corpus.path)
-    if not p.exists():
-        raise CorpusError(f"corpus not found: {p}")
-    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        p = Path(cfg.corpus.path)
+        if not p.exists():
+            raise CorpusError(f"corpus not found: {p}")
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        listing = [(str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in files]
+    h = hashlib.sha256()
+    for name, size, mtime in listing:
+        h.update(f"{name}:{size}:{mtime}".encode())
     return h.hexdigest()[:16]

@@ -47,6 +47,19 @@ def open_location(uri: str):
         raise RetrofitError(f"{uri}: cannot open this location ({type(e).__name__}: {e})") from e
 
 
+def _listing(fs, path: str) -> dict:
+    """name under `path` -> FileInfo for every file at or under it ('' names `path` itself, when a file)."""
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return {"": info}
+    if info.type == pafs.FileType.NotFound:
+        return {}
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path) + 1:]: i for i in found if i.type == pafs.FileType.File}
+
+
 def mirror_root() -> Path:
     return Path(os.environ["RETROFIT_MIRROR"]) if os.environ.get("RETROFIT_MIRROR") else cache_dir() / "mirror"
 
@@ -97,16 +110,8 @@ class Mirror:
 
     def files(self, rel: str) -> dict:
         """relative name -> FileInfo for every file at or under `rel` in the bucket."""
-        import pyarrow.fs as pafs
-
-        path = self._remote(rel)
-        info = self.fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return {rel: info}
-        if info.type == pafs.FileType.NotFound:
-            return {}
-        found = self.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        return {f"{rel}/{i.path[len(path) + 1:]}".lstrip("/"): i for i in found if i.type == pafs.FileType.File}
+        return {f"{rel}/{name}".strip("/") if name else rel: info
+                for name, info in _listing(self.fs, self._remote(rel)).items()}
 
     def pull(self, rel: str = "") -> int:
         """Bring the file or folder `rel` up to date from the bucket; local files the bucket does not have
@@ -226,11 +231,6 @@ def local_copy(location: str | Path) -> Path:
 
 def fingerprint_listing(location: str) -> list[tuple[str, int, int]]:
     """(name, size, mtime) of every file at a bucket location, nothing downloaded: a cheap identity."""
-    import pyarrow.fs as pafs
-
     fs, base = open_location(location.rstrip("/"))
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.File:
-        return [(base.rsplit("/", 1)[-1], info.size, info.mtime_ns)]
-    found = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    return sorted((i.path[len(base) + 1:], i.size, i.mtime_ns) for i in found if i.type == pafs.FileType.File)
+    return sorted((name or base.rsplit("/", 1)[-1], info.size, info.mtime_ns)
+                  for name, info in _listing(fs, base).items())

@@ -480,9 +480,7 @@ def run_stage(cfg, run, rec) -> None:
     # In a bucket run folder the checkpoints live in the bucket too: any node (or a later machine) resumes.
     storage = f"{run.location}/cache/ray_train"
     if not log_path.exists():  # a fresh stage folder (new, stale or --force): never resume old checkpoints
-        if run.mirror:
-            run.mirror.delete(f"cache/ray_train/train-{identity}")
-        shutil.rmtree(run.root / "cache" / "ray_train" / f"train-{identity}", ignore_errors=True)
+        run.clear(f"cache/ray_train/train-{identity}")
     val_path = run.root / "prep" / "val.parquet"
     has_val = val_path.exists() and pq.ParquetFile(val_path).metadata.num_rows > 0
     per_worker = {"CPU": tc.placement.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
