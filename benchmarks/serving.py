@@ -112,7 +112,8 @@ def start_ours(export_dir: Path, port: int, overrides: list[str], env: dict[str,
     code = ("import sys, time; sys.path.insert(0, %r)\n"
             "from pipeline.config import load_config\nfrom pipeline.ray_runtime import ensure_ray\nfrom serve import app\n"
             "cfg = load_config(None, %r)\n"
-            "ensure_ray(num_cpus=2)\napp.start(%r, 'minilm', cfg.serve)\nprint('ready', flush=True)\n"
+            "ensure_ray(num_cpus=2, serve_ingress=cfg.ray.serve_ingress)\n"
+            "app.start(%r, 'minilm', cfg.serve)\nprint('ready', flush=True)\n"
             "while True: time.sleep(60)\n") % (str(ROOT), settings, str(export_dir))
     return subprocess.Popen([sys.executable, "-c", code], start_new_session=True, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -151,7 +152,7 @@ def main() -> int:
     ap.add_argument("--skip-infinity", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="Measure every system this many times, the order of the "
                     "servers alternating per round; the table holds medians, ratios are medians of per-round ratios.")
-    ap.add_argument("--set", action="append", default=[], dest="overrides", help="serve.FIELD=VALUE for ours.")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", help="serve.FIELD=VALUE (or ray.serve_ingress=python) for ours.")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE in our server's environment (Ray's).")
     ap.add_argument("--concurrency", type=int, action="append", help="Only these levels (default: 1, 4, 16, 64).")
     args = ap.parse_args()

@@ -322,6 +322,10 @@ class RayConfig(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all).")
     metrics_export_port: int | None = Field(None, ge=1, le=65535, description="Prometheus port of the embedded "
                                             "Ray's metrics (serving metrics included); unset: Ray picks one.")
+    serve_ingress: Literal["haproxy", "python"] = Field("haproxy", description="How HTTP reaches the endpoint's "
+                                                        "replicas on an embedded Ray: Ray's HAProxy (no Python hop; "
+                                                        "Linux) or Ray's Python proxy. A cluster's own environment "
+                                                        "decides there.")
 
 
 class RetrofitConfig(Section):

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from typing import Iterator
 
 log = logging.getLogger("retrofit.ray")
@@ -20,15 +21,17 @@ _started_here = False  # an embedded Ray this process started: no autoscaler wil
 _settings: dict = {}  # the run's [ray] section, for stages that start Ray only past a size threshold
 
 
-def configure(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None) -> None:
+def configure(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None,
+              serve_ingress: str | None = None) -> None:
     """Remember the run's Ray settings without starting Ray: whichever stage needs Ray first (SDG, or
     prep/eval/export past their size thresholds) starts it with these, never with Ray's defaults."""
-    _settings.update(address=address, num_cpus=num_cpus, metrics_port=metrics_port)
+    _settings.update(address=address, num_cpus=num_cpus, metrics_port=metrics_port, serve_ingress=serve_ingress)
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None,
+               serve_ingress: str | None = None) -> None:
     """Join RAY_ADDRESS (or `address`) when set; otherwise start an embedded local Ray. Unset arguments
-    come from configure()."""
+    come from configure(); serve_ingress (default "haproxy", see serve/ingress.py) applies to an embedded Ray."""
     import ray
 
     if ray.is_initialized():
@@ -52,9 +55,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_
         log.info("starting embedded local Ray")
         global _started_here
         _started_here = True
-        # metrics_port: where Prometheus scrapes Ray's metrics (ours included); None lets Ray pick one.
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level=logging.WARNING,
-                 _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port, log_to_driver=False)
+        from serve.ingress import haproxy_for_ray_start
+
+        use_haproxy = (serve_ingress or _settings.get("serve_ingress") or "haproxy") == "haproxy"
+        with haproxy_for_ray_start() if use_haproxy else nullcontext():
+            # metrics_port: where Prometheus scrapes Ray's metrics (ours included); None lets Ray pick one.
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level=logging.WARNING,
+                     _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port, log_to_driver=False)
     # Workers' own output (Ray Train's controller chatter, weight-loading bars, library warnings) stays in
     # Ray's log files; the console gets each stage's progress from the driver, and failures as exceptions.
     print(f"[ray] worker logs: {_logs_dir() if _started_here else '`ray logs` on the cluster (or its dashboard)'}",

@@ -100,7 +100,7 @@ def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) 
         run.pull(needed)
     from pipeline.ray_runtime import configure, ensure_ray
 
-    configure(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)
+    configure(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port, cfg.ray.serve_ingress)
     if name in NEEDS_RAY:
         ensure_ray()
     print(f"[{name}] running", flush=True)
@@ -141,7 +141,7 @@ def smoke_serve(cfg: RetrofitConfig, run: RunDir, query: str, keep_serving: bool
     from serve import app, client
 
     run.require("export", "serve")
-    ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port)
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port, cfg.ray.serve_ingress)
     export_dir = f"{run.location}/export/onnx"  # a bucket location: each replica fetches the model itself
     url = app.start(export_dir, f"retrofit-{run.name}", cfg.serve)  # served under app.APP_NAME
     try:

@@ -282,3 +282,81 @@ def test_a_lone_request_does_not_wait_out_the_batching_window(endpoint):
         assert codes == [200] * 4
     finally:
         serve.delete("patient")
+
+
+def _haproxy_listening() -> dict:
+    """HAProxy processes on this machine -> the (ip, port) pairs they listen on."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "haproxy":
+            try:
+                found[proc] = {(c.laddr.ip, c.laddr.port) for c in proc.net_connections("tcp")
+                               if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:  # it exited meanwhile
+                pass
+    return found
+
+
+def test_the_endpoint_is_haproxys_and_its_side_ports_stay_on_loopback(endpoint):
+    """On an embedded Ray requests reach the replica through HAProxy (no Python proxy hop), and HAProxy's
+    stats page and Prometheus exporter listen on 127.0.0.1 and free ports (Ray 2.60 binds 8404 and 9101 on
+    every interface)."""
+    url, _, _ = endpoint
+    port = int(url.rsplit(":", 1)[1])
+    ours = [addrs for addrs in _haproxy_listening().values() if ("127.0.0.1", port) in addrs]
+    assert len(ours) == 1, _haproxy_listening()
+    assert len(ours[0]) >= 3 and {ip for ip, _ in ours[0]} == {"127.0.0.1"}, ours
+    assert not {p for _, p in ours[0]} & {8404, 9101}, ours
+
+
+def test_a_killed_server_leaves_no_haproxy_holding_its_port(endpoint):
+    """A `retrofit serve` killed with SIGKILL takes its HAProxy with it: Ray's would live on, holding the
+    endpoint's port, and the next server on that port could not start."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    _, export_dir, _ = endpoint
+    port = free_port()
+    code = ("import time\nfrom pipeline.config import load_config\nfrom pipeline.ray_runtime import ensure_ray\n"
+            "from serve import app\nensure_ray(num_cpus=1)\n"
+            f"app.start({str(export_dir)!r}, 'doomed', load_config(None, ['serve.port={port}', "
+            "'serve.placement.cpus_per_replica=0.5']).serve)\ntime.sleep(600)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, as `retrofit serve`
+    server = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def holding_port() -> list:
+        return [p for p, addrs in _haproxy_listening().items() if ("127.0.0.1", port) in addrs]
+
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and server.poll() is None:
+            try:
+                if requests.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "x"}, timeout=10).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        assert holding_port(), f"the server never answered through HAProxy (exit code {server.poll()})"
+        server.kill()  # the driver alone: Ray's processes follow it, no Serve shutdown runs
+        server.wait()
+        deadline = time.time() + 60
+        while holding_port() and time.time() < deadline:
+            time.sleep(1)
+        assert not holding_port(), "HAProxy outlived its server"
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no listener
+            s.bind(("127.0.0.1", port))  # nothing listens there: the next server can start
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for proc in holding_port():  # an orphan must not hold the port for the rest of the suite
+            proc.kill()
