@@ -32,7 +32,8 @@ if os.getppid() == 1:  # the proxy died before prctl took effect
 args = sys.argv[1:]
 config = args[args.index("-f") + 1]
 text = open(config).read()
-local = text.replace("bind *:{stats}\\n", "bind 127.0.0.1:{stats}\\n").replace("bind :{metrics}\\n", "bind 127.0.0.1:{metrics}\\n")
+local = (text.replace("bind *:{stats}\\n", "bind 127.0.0.1:{stats}\\n")
+         .replace("bind :{metrics}\\n", "bind 127.0.0.1:{metrics}\\n"))
 if local != text:
     open(config, "w").write(local)
 os.execv({haproxy!r}, [{haproxy!r}, *args])
