@@ -23,23 +23,36 @@ import numpy as np
 from pipeline.errors import RetrofitError
 
 
-def lr_lambda(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to the peak learning rate, then cosine decay to zero."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def warmup_then_cosine(total: int, warmup_ratio: float):
+    """The lr multiplier of each step: linear warmup from zero over ceil(ratio x total) steps, then cosine
+    decay to zero. Exactly transformers' get_cosine_schedule_with_warmup (with its warmup-step rounding), the
+    schedule sentence-transformers trains with: a comparison with it then compares training, not schedules."""
+    warmup = math.ceil(warmup_ratio * total)
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return multiplier
 
 
 def positive_set(row: dict) -> set[str]:
     return set(row.get("positive_ids") or []) | {row["positive_id"]}
 
 
-def _conflict_keys(row: dict) -> set[int]:
-    """What two rows of one batch must not share (sentence-transformers' NoDuplicatesBatchSampler compares
-    every text column): the query text, any positive id, the positive text. Kept as 64-bit digests, the
-    same in every worker process (str hashes are not), so 100K rows' keys do not hold a copy of their texts."""
+def _identity_keys(row: dict) -> set[int]:
+    """What makes two rows the same question or the same answer: the query text, the positive text, any
+    positive id. Kept as 64-bit digests, the same in every worker process (str hashes are not), so 100K rows'
+    keys do not hold a copy of their texts."""
     return {_digest("q", row["query"]), _digest("t", row["positive_text"])} | {_digest("p", p) for p in positive_set(row)}
+
+
+def _passage_keys(row: dict, negatives: int) -> set[int]:
+    """The hard negatives a step uses, in the same key space as positive ids: a passage that is one row's
+    negative and another's positive (or a negative of both) would be two columns of one softmax."""
+    return {_digest("p", n) for n in (row.get("negative_ids") or [])[:negatives]}
 
 
 def _digest(kind: str, text: str) -> int:
@@ -69,16 +82,17 @@ class BatchSampler:
 
     `steps_per_epoch = ceil(rows / (per_worker x world))`, fixed, so resume arithmetic (epoch, offset) is
     exact and the end of every epoch is a real step. Each epoch is a seeded shuffle packed greedily into
-    batches whose rows share no query text and no positive. The last batch is topped up with rows already
-    used this epoch (as torch's DistributedSampler pads), so no row is dropped; when conflicts leave too
-    few compatible rows to fill a batch (a query with more positives than there are batches), it is
-    filled anyway: the loss masks those columns, so a conflict costs negatives, never correctness.
+    batches whose rows share no query text, no positive and no hard negative. The last batch is topped up
+    with rows already used this epoch (as torch's DistributedSampler pads), so no row is dropped; when
+    conflicts leave too few compatible rows to fill a batch (a query with more positives than there are
+    batches), it is filled anyway: the loss masks a positive's other columns, so a conflict costs negatives
+    (or repeats one), never correctness.
     """
 
     # Row columns the sampler reads; the worker gives it only these, and takes each step's full rows later.
-    COLUMNS = ("query", "positive_id", "positive_ids", "positive_text")
+    COLUMNS = ("query", "positive_id", "positive_ids", "positive_text", "negative_ids")
 
-    def __init__(self, rows: list[dict], per_worker: int, world: int, seed: int):
+    def __init__(self, rows: list[dict], per_worker: int, world: int, seed: int, negatives_per_query: int = 0):
         n = len(rows)
         if n < max(2, world):
             raise RetrofitError(f"{n} training rows cannot feed {world} worker(s): contrastive training needs at "
@@ -88,8 +102,11 @@ class BatchSampler:
         self.world, self.seed = world, seed
         self.global_batch = self.per_worker * world
         self.steps_per_epoch = -(-n // self.global_batch)
-        self.keys = [_conflict_keys(r) for r in rows]
-        self.group = _linked_groups(self.keys)
+        # Rows of one batch share no key: no query, positive or used hard negative appears twice among its
+        # columns (sentence-transformers' NoDuplicatesBatchSampler compares every text column the same way).
+        identity = [_identity_keys(r) for r in rows]
+        self.group = _linked_groups(identity)  # siblings of one query, spread over the epoch below
+        self.keys = [keys | _passage_keys(r, negatives_per_query) for keys, r in zip(identity, rows)]
         self.group_size = Counter(self.group)
 
     def epoch(self, epoch: int) -> list[list[int]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.beir import compute_metrics
 from pipeline.config import TrainConfig
-from pipeline.contrastive import BatchSampler, StepLayout, grad_cache_step, info_nce, lr_lambda
+from pipeline.contrastive import BatchSampler, StepLayout, grad_cache_step, info_nce, warmup_then_cosine
 from pipeline.embedders import load_model
 from pipeline.errors import RetrofitError
 from pipeline.models import resolve_embedder
@@ -214,12 +214,11 @@ class Worker:
         # The rows stay an Arrow table (compact, no Python object per text); each step takes its own rows.
         self.rows = pq.read_table(self._input(config["train_path"]))
         self.sampler = BatchSampler(self.rows.select(BatchSampler.COLUMNS).to_pylist(), tc.queries_per_worker,
-                                    self.world, self.seed)
+                                    self.world, self.seed, tc.negatives_per_query)
         self.total = self.sampler.steps_per_epoch * tc.epochs
         if tc.max_steps:
             self.total = min(self.total, tc.max_steps)
-        warmup = int(tc.warmup_ratio * self.total)
-        schedule = lambda s: lr_lambda(s, self.total, warmup)  # noqa: E731
+        schedule = warmup_then_cosine(self.total, tc.warmup_ratio)
 
         self.state = {"global_step": 0, "best": None, "evals_without_gain": 0}
         self.model = load_model(str(resume_dir / MODEL_DIR) if resume_dir else config["base_model"],
