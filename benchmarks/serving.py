@@ -152,7 +152,8 @@ def main() -> int:
     ap.add_argument("--skip-infinity", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="Measure every system this many times, the order of the "
                     "servers alternating per round; the table holds medians, ratios are medians of per-round ratios.")
-    ap.add_argument("--set", action="append", default=[], dest="overrides", help="serve.FIELD=VALUE (or ray.serve_ingress=python) for ours.")
+    ap.add_argument("--set", action="append", default=[], dest="overrides",
+                    help="serve.FIELD=VALUE (or ray.serve_ingress=python) for ours.")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE in our server's environment (Ray's).")
     ap.add_argument("--concurrency", type=int, action="append", help="Only these levels (default: 1, 4, 16, 64).")
     args = ap.parse_args()

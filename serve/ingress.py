@@ -76,7 +76,7 @@ def haproxy_env() -> dict[str, str] | None:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
         # A replica leaving (scale-down, stop) keeps answering this long while HAProxy is told it is gone;
-        # Ray's 30 s default would make every stop of the endpoint take half a minute.
+        # with Ray's 30 s default one stop of the endpoint took 31.6 s here, with 2 s 3.5 s.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
 

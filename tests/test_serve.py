@@ -1,7 +1,14 @@
 """The Ray Serve endpoint, over real HTTP on 127.0.0.1."""
 import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 import requests
 
@@ -201,8 +208,6 @@ def test_input_type_applies_the_model_prompts(endpoint, base_model, tmp_path):
 
 
 def test_prometheus_metrics_count_requests_by_status(endpoint):
-    import time
-
     url, _, metrics_port = endpoint
     for body in ({"input": "metrics check"}, {"input": []}):
         requests.post(f"{url}/v1/embeddings", json=body)
@@ -230,7 +235,6 @@ def test_prometheus_metrics_count_requests_by_status(endpoint):
 def test_health_answers_while_a_long_batch_is_embedding(endpoint):
     """Inference runs off the replica's event loop: a health check is not queued behind a batch."""
     import threading
-    import time
 
     from ray import serve
 
@@ -259,7 +263,6 @@ def test_health_answers_while_a_long_batch_is_embedding(endpoint):
 def test_a_lone_request_does_not_wait_out_the_batching_window(endpoint):
     """Batching waits up to batch_wait_timeout_s for more requests; with none in the replica it must not
     (at concurrency 1 that wait was most of the latency). Requests with company still batch and answer."""
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     from ray import serve
@@ -286,8 +289,6 @@ def test_a_lone_request_does_not_wait_out_the_batching_window(endpoint):
 
 def _haproxy_listening() -> dict:
     """HAProxy processes on this machine -> the (ip, port) pairs they listen on."""
-    import psutil
-
     found = {}
     for proc in psutil.process_iter(["name"]):
         if proc.info["name"] == "haproxy":
@@ -314,13 +315,6 @@ def test_the_endpoint_is_haproxys_and_its_side_ports_stay_on_loopback(endpoint):
 def test_a_killed_server_leaves_no_haproxy_holding_its_port(endpoint):
     """A `retrofit serve` killed with SIGKILL takes its HAProxy with it: Ray's would live on, holding the
     endpoint's port, and the next server on that port could not start."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-
     _, export_dir, _ = endpoint
     port = free_port()
     code = ("import time\nfrom pipeline.config import load_config\nfrom pipeline.ray_runtime import ensure_ray\n"
