@@ -163,8 +163,7 @@ def _eval_beir(args, cfg) -> None:
     from pipeline.storage import cache_dir
     from pipeline.ray_runtime import configure
 
-    configure(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port,
-              cfg.ray.serve_ingress)  # used past eval's Ray threshold
+    configure(cfg.ray)  # used past eval's Ray threshold
     models = {name: resolve_embedder(name) for name in (args.model or [cfg.train.base_model])}
     models.update({url: url for url in args.endpoint})
     baseline = next(iter(models))

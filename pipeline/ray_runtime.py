@@ -21,11 +21,12 @@ _started_here = False  # an embedded Ray this process started: no autoscaler wil
 _settings: dict = {}  # the run's [ray] section, for stages that start Ray only past a size threshold
 
 
-def configure(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None,
-              serve_ingress: str | None = None) -> None:
-    """Remember the run's Ray settings without starting Ray: whichever stage needs Ray first (SDG, or
-    prep/eval/export past their size thresholds) starts it with these, never with Ray's defaults."""
-    _settings.update(address=address, num_cpus=num_cpus, metrics_port=metrics_port, serve_ingress=serve_ingress)
+def configure(ray_section) -> None:
+    """Remember the run's `ray` config section (address, num_cpus, metrics_export_port, serve_ingress) without
+    starting Ray: whichever stage needs Ray first (SDG, or prep/eval/export past their size thresholds)
+    starts it with these, never with Ray's defaults."""
+    _settings.update(address=ray_section.address, num_cpus=ray_section.num_cpus,
+                     metrics_port=ray_section.metrics_export_port, serve_ingress=ray_section.serve_ingress)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None,

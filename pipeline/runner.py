@@ -100,7 +100,7 @@ def run_stage(name: str, cfg: RetrofitConfig, run: RunDir, force: bool = False) 
         run.pull(needed)
     from pipeline.ray_runtime import configure, ensure_ray
 
-    configure(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port, cfg.ray.serve_ingress)
+    configure(cfg.ray)
     if name in NEEDS_RAY:
         ensure_ray()
     print(f"[{name}] running", flush=True)
@@ -137,11 +137,12 @@ def smoke_serve(cfg: RetrofitConfig, run: RunDir, query: str, keep_serving: bool
     """Start the endpoint on the exported model, embed one query over HTTP, then stop (unless kept)."""
     import json
 
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.ray_runtime import configure, ensure_ray
     from serve import app, client
 
     run.require("export", "serve")
-    ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.metrics_export_port, cfg.ray.serve_ingress)
+    configure(cfg.ray)
+    ensure_ray()
     export_dir = f"{run.location}/export/onnx"  # a bucket location: each replica fetches the model itself
     url = app.start(export_dir, f"retrofit-{run.name}", cfg.serve)  # served under app.APP_NAME
     try:

@@ -159,13 +159,14 @@ def test_a_stage_that_starts_ray_late_uses_the_runs_settings():
     run's (here 1 CPU), not a default one sized to the machine. A fresh process: no Ray yet."""
     code = """
 import ray
+from pipeline.config import RayConfig
 from pipeline.ray_runtime import configure, map_shards
 
 class Echo:
     def process(self, task):
         return {"shard_id": task["shard_id"]}
 
-configure(num_cpus=1)
+configure(RayConfig(num_cpus=1))
 done = list(map_shards(Echo, [{"shard_id": 0}, {"shard_id": 1}], ctor_kwargs={}, use_ray=True, label="t"))
 print("shards", len(done), "cpus", ray.cluster_resources()["CPU"])
 """
