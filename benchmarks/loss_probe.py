@@ -11,6 +11,8 @@ claims over the whole corpus. Variants:
     .venv/bin/python benchmarks/loss_probe.py mse 0.2 benchmarks/work/scifact-1500         # its SDG queries
     .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 titles:benchmarks/work/scifact-1500  # titles as queries
 The last two need a run folder with sdg/ and prep/ (e.g. from benchmarks/scifact.py --docs 1500).
+    .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 ict:1000   # a document's own sentence as its query
+    .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 last:1000  # its last sentence (no LLM, no run folder)
 """
 import json, sys, time, random
 import numpy as np, torch
@@ -31,9 +33,12 @@ variant = sys.argv[1]; lam = float(sys.argv[2]) if len(sys.argv) > 2 else 0.2
 # human train claims. This asks the GPL question: does a teacher's graded label rescue noisy synthetic queries?
 # "titles:RUN" uses each train-split document's title as its query and the body alone as the positive: a
 # pseudo-query source that needs no LLM.
+# "ict:N" / "last:N": N seeded documents, each with one of its own sentences as the query (a random one: the
+# Inverse Cloze Task; or its last, the abstract's conclusion) and the rest of the document as the positive.
 source = sys.argv[3] if len(sys.argv) > 3 else ""
 titles_as_queries = source.startswith("titles:")
-synthetic_run = Path(source.removeprefix("titles:")) if source else None
+sentence_mode, _, sentence_docs = source.partition(":") if source.split(":")[0] in ("ict", "last") else ("", "", "")
+synthetic_run = Path(source.removeprefix("titles:")) if source and not sentence_mode else None
 corpus = [json.loads(l) for l in open(D/"corpus.jsonl")]
 human_queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in open(D/"queries.jsonl")}
 queries = human_queries
@@ -70,6 +75,26 @@ if synthetic_run is not None:
         tr = {f"title{i}": {d: 1} for i, d in enumerate(docs)}
         variant_label = f"{variant} titles:{synthetic_run.name}"
     queries.update(human_queries)  # the test claims are scored at the end
+elif sentence_mode:
+    import re
+    picker = random.Random(1)
+    queries, tr, positive_text = {}, {}, {}
+    for d in picker.sample(range(len(corpus)), len(corpus)):
+        sentences = [x for x in re.split(r"(?<=[.!?])\s+(?=[A-Z])", corpus[d]["text"].strip()) if x]
+        if len(sentences) < 3:
+            continue
+        k = len(sentences) - 1 if sentence_mode == "last" else picker.randrange(len(sentences))
+        if len(sentences[k].split()) < 6:
+            continue
+        qid = f"{sentence_mode}{len(queries)}"
+        queries[qid], tr[qid] = sentences[k], {ids[d]: 1}
+        positive_text[ids[d]] = f"{corpus[d]['title']} {' '.join(sentences[:k] + sentences[k + 1:])}".strip()
+        if len(queries) == int(sentence_docs):
+            break
+    test_docs = {d for rel in te.values() for d in rel}
+    print("sentence queries whose document a test claim cites:", sum(1 for r in tr.values() if set(r) & test_docs))
+    variant_label = f"{variant} {sentence_mode}:{sentence_docs}"
+    queries.update(human_queries)
 else:
     variant_label = variant
 trq = sorted(tr); rng = random.Random(0)
@@ -85,7 +110,8 @@ for i, q in enumerate(trq):
     for d in tr[q]:
         if d not in pos: continue
         p = pos[d]
-        rows.append({"q": queries[q], "p": corpus[p]["text"] if titles_as_queries else texts[p], "negs": [texts[j] for j in negs],
+        rows.append({"q": queries[q], "p": corpus[p]["text"] if titles_as_queries else
+                     positive_text[d] if sentence_mode else texts[p], "negs": [texts[j] for j in negs],
                      "tp": float(teach[p]), "tn": [float(teach[j]) for j in negs]})
 print(variant, lam, "rows", len(rows), flush=True)
 student = SentenceTransformer(base, device="cpu"); student.max_seq_length = 128
