@@ -10,9 +10,10 @@ claims over the whole corpus. Variants:
     .venv/bin/python benchmarks/loss_probe.py mse 0.2       # benchmarks/work/loss_probe/results.jsonl
     .venv/bin/python benchmarks/loss_probe.py mse 0.2 benchmarks/work/scifact-1500         # its SDG queries
     .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 titles:benchmarks/work/scifact-1500  # titles as queries
-The last two need a run folder with sdg/ and prep/ (e.g. from benchmarks/scifact.py --docs 1500).
     .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 ict:1000   # a document's own sentence as its query
-    .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 last:1000  # its last sentence (no LLM, no run folder)
+    .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 last:1000  # its last sentence
+The two forms naming benchmarks/work/scifact-1500 need a run folder with sdg/ and prep/ (e.g. from
+benchmarks/scifact.py --docs 1500); ict:N and last:N need neither an LLM nor a run folder.
 """
 import json, sys, time, random
 import numpy as np, torch
@@ -37,7 +38,8 @@ variant = sys.argv[1]; lam = float(sys.argv[2]) if len(sys.argv) > 2 else 0.2
 # Inverse Cloze Task; or its last, the abstract's conclusion) and the rest of the document as the positive.
 source = sys.argv[3] if len(sys.argv) > 3 else ""
 titles_as_queries = source.startswith("titles:")
-sentence_mode, _, sentence_docs = source.partition(":") if source.split(":")[0] in ("ict", "last") else ("", "", "")
+kind, _, sentence_docs = source.partition(":")
+sentence_mode = kind if kind in ("ict", "last") else ""
 synthetic_run = Path(source.removeprefix("titles:")) if source and not sentence_mode else None
 corpus = [json.loads(l) for l in open(D/"corpus.jsonl")]
 human_queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in open(D/"queries.jsonl")}
@@ -79,7 +81,7 @@ elif sentence_mode:
     import re
     picker = random.Random(1)
     queries, tr, positive_text = {}, {}, {}
-    for d in picker.sample(range(len(corpus)), len(corpus)):
+    for d in picker.sample(range(len(corpus)), len(corpus)):  # every document, in a seeded order
         sentences = [x for x in re.split(r"(?<=[.!?])\s+(?=[A-Z])", corpus[d]["text"].strip()) if x]
         if len(sentences) < 3:
             continue
