@@ -251,12 +251,21 @@ class TrainConfig(Section):
     keep: Literal["best", "last"] = Field("best", description="Keep the checkpoint with the best val NDCG@10, "
                                           "or the last one.")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N checkpoints without a val gain (0: off).")
+    val_at_checkpoints: bool = Field(True, description="Score val NDCG@10 at each checkpoint (keep 'best' and early "
+                                     "stopping need it). Off: one val pass less per checkpoint, no val curve.")
     placement: WorkerPlacement = WorkerPlacement()
 
     @model_validator(mode="after")
     def _grad_cache_engine(self):
         if self.grad_cache_chunk and self.engine != "ddp":
             raise ValueError("grad_cache_chunk needs engine 'ddp' (DeepSpeed owns the backward pass)")
+        return self
+
+    @model_validator(mode="after")
+    def _val_when_something_uses_it(self):
+        if not self.val_at_checkpoints and (self.keep == "best" or self.early_stopping_patience):
+            raise ValueError("val_at_checkpoints false leaves nothing to choose the best checkpoint or stop early: "
+                             "set keep 'last' and early_stopping_patience 0 too, or keep val on")
         return self
 
 

@@ -89,6 +89,18 @@ def test_settings_are_checked_across_sections():
         load_config(None, ["serve.placement.min_replicas=5", "serve.placement.max_replicas=2"])
 
 
+def test_val_off_is_refused_where_something_needs_the_val_score():
+    """Without a val pass nothing can pick the best checkpoint or stop early: a config asking for either is an
+    error naming the setting, not a silent 'last checkpoint'."""
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train: .*val_at_checkpoints false .*keep 'last'"):
+        load_config(None, ["train.val_at_checkpoints=false"])  # keep 'best' is the default
+    with pytest.raises(ConfigError, match="val_at_checkpoints false"):
+        load_config(None, ["train.val_at_checkpoints=false", "train.keep=last", "train.early_stopping_patience=2"])
+    assert not load_config(None, ["train.val_at_checkpoints=false", "train.keep=last"]).train.val_at_checkpoints
+
+
 def test_a_changed_default_changes_the_stage_identity():
     """A release that changes a default must not reuse outputs made under the old one (schema 1 left
     defaults out of the hash, so this went unnoticed)."""

@@ -140,6 +140,28 @@ def test_last_epoch_reaches_the_kept_model_without_step_checkpoints(tmp_path, ra
     assert [s for s, _ in counts["val_ndcg@10"]] == [3, 6, 9]
 
 
+def test_val_off_checkpoints_for_resume_only_and_keeps_the_last(tmp_path, ray_local):
+    """train.val_at_checkpoints=false (with keep=last): every checkpoint is still written, none is scored."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_stage
+
+    run = _prep_run(tmp_path / "run")
+    cfg = load_config(None, ["corpus.chunk_tokens=32", "corpus.chunk_overlap=8", "train.engine=ddp",
+                             "train.queries_per_worker=16", "train.epochs=2", "train.keep=last",
+                             "train.val_at_checkpoints=false", "train.max_query_tokens=32",
+                             "train.max_passage_tokens=32", "train.negatives_per_query=1"])
+    assert run_stage("train", cfg, run) == "completed"
+    counts = json.loads((run.root / "train" / "manifest.json").read_text())["counts"]
+    assert counts["val_ndcg@10"] == [] and counts["kept_checkpoint"]["global_step"] == counts["steps"] == 2 * 3
+    log = [json.loads(line) for line in (run.root / "train" / "train_log.jsonl").read_text().splitlines()]
+    assert not [r for r in log if r.get("event") == "val"] and len([r for r in log if "loss" in r]) == 6
+    # Ray Train registered both epochs' checkpoints (what a restart resumes from), neither with a val score.
+    snapshot = json.loads(next((run.root / "cache" / "ray_train").glob("train-*/checkpoint_manager_snapshot.json"))
+                          .read_text())
+    assert sorted(c["metrics"]["global_step"] for c in snapshot["checkpoint_results"]) == [3, 6]
+    assert not any("val_ndcg@10" in c["metrics"] for c in snapshot["checkpoint_results"])
+
+
 def test_workers_this_ray_can_never_place_are_a_clear_error_not_a_hang(tmp_path, ray_local):
     """The embedded Ray has 2 CPUs; 2 workers x 4 CPUs would wait forever for a placement."""
     import pytest
