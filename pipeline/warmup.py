@@ -1,7 +1,7 @@
 """First-use work done at install time (`make venv` runs it), so that a run's or a test's time is its own:
 the packaged LLM's GGUF -> safetensors conversion, and DeepSpeed's CPU shared-memory communication op,
 which DeepSpeed otherwise compiles (minutes on 2 cores) inside the first training run. Both are cached
-(~/.cache/retrofit/llm, ~/.cache/torch_extensions); running this again is quick."""
+(~/.cache/retrofit/llm, ~/.cache/retrofit/torch_extensions/<this environment>); running this again is quick."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def main() -> None:
         return
     from deepspeed.comm.torch import build_shm_op
 
+    from pipeline.train import own_torch_extensions_dir
+
+    own_torch_extensions_dir()  # the folder the training workers load it from
     t0 = time.perf_counter()
     build_shm_op()  # exactly what DeepSpeed's CPU backend calls at init: same builder, flags and cache
     print(f"[warmup] DeepSpeed's CPU shared-memory op ready ({time.perf_counter() - t0:.0f}s)", flush=True)

@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -73,6 +74,11 @@ def test_killed_worker_resumes_exactly_with_two_deepspeed_workers(tmp_path, ray_
                              # A hard task (loss ~2, not ~1e-4), so equal losses mean something.
                              "train.loss_temperature=1.0", "train.lr=1e-3"])
     log = run.root / "train" / "train_log.jsonl"
+    from pipeline.train import own_torch_extensions_dir
+
+    op = next(Path(own_torch_extensions_dir()).glob("deepspeed_shm_comm/*.so"), None)
+    assert op is not None, "DeepSpeed's CPU op is built by `make venv` (.venv/bin/python -m pipeline.warmup)"
+    built = op.stat().st_mtime
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("status", run_stage("train", cfg, run)), daemon=True)
     worker.start()
@@ -116,6 +122,7 @@ def test_killed_worker_resumes_exactly_with_two_deepspeed_workers(tmp_path, ray_
     assert sorted(after) == list(range(resumed_at, 20))
     manifest = json.loads((run.root / "train" / "manifest.json").read_text())
     assert manifest["counts"]["steps"] == 20 and manifest["counts"]["restarts"] == 1  # 2 epochs x 40 rows / 4
+    assert op.stat().st_mtime == built  # every worker start, before and after the kill, loaded warmup's build
     assert manifest["counts"]["engine"] == "deepspeed" and manifest["counts"]["global_batch"] == 4
     assert len(manifest["counts"]["val_ndcg@10"]) >= 2
     assert list((run.root / "train" / "tensorboard").glob("events.out.tfevents.*"))

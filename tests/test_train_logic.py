@@ -1,6 +1,7 @@
 """Contrastive training logic without Ray: sampler, loss masking, all-gather, GradCache, schedule, engine state."""
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,23 @@ def test_plain_engine_resumes_with_its_optimiser_moments(tmp_path):
         step(engine2, resumed, x)
     for k, v in model.state_dict().items():
         assert torch.allclose(v, resumed.state_dict()[k], atol=1e-7), k
+
+
+def test_each_python_environment_has_its_own_deepspeed_op_folder(monkeypatch):
+    """DeepSpeed's CPU op's build file names the environment's paths: in torch's one shared folder, two
+    checkouts' venvs rebuilt it for each other at every switch. Warmup builds it, training loads it, here."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from pipeline.train import own_torch_extensions_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    mine = own_torch_extensions_dir()
+    assert _get_build_directory("deepspeed_shm_comm", verbose=False).startswith(mine)  # where DeepSpeed looks
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", "/another/checkout/.venv")
+    assert own_torch_extensions_dir() != mine
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen/by/the/user")
+    assert own_torch_extensions_dir() == "/chosen/by/the/user"
 
 
 def test_training_progress_reaches_the_console_from_the_workers_log(tmp_path, capsys):
