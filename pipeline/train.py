@@ -32,6 +32,7 @@ from pipeline.errors import RetrofitError
 from pipeline.models import resolve_embedder
 from pipeline.ray_runtime import check_resources, set_threads
 from pipeline.rundir import RunDir
+from pipeline.storage import cache_dir
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_DIR, ENGINE_DIR, RNG_DIR = "model", "engine", "rng"
@@ -101,8 +102,7 @@ def own_torch_extensions_dir() -> str:
     the environment's own paths: two checkouts' venvs rebuilt it for each other at every switch (20 s each on
     this 2-core box, measured). A TORCH_EXTENSIONS_DIR the user set wins."""
     key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
-    return os.environ.setdefault("TORCH_EXTENSIONS_DIR",
-                                 str(Path.home() / ".cache" / "retrofit" / "torch_extensions" / key))
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions" / key))
 
 
 class DeepSpeedEngine(PlainEngine):
