@@ -242,6 +242,10 @@ class TrainConfig(Section):
     engine: Literal["deepspeed", "ddp"] = Field("deepspeed", description="DeepSpeed ZeRO, or plain AdamW with "
                                                  "an all-reduce of gradients (the fallback).")
     zero_stage: Literal[1, 2] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="'auto': bf16 where the hardware multiplies it natively (GPUs that support it; CPUs "
+        "with AVX512-BF16 or AMX), else fp32. bf16 keeps fp32 weights and optimiser on CPUs (autocast, as "
+        "sentence-transformers' trainer with bf16=True); on GPUs it is DeepSpeed's bf16 mode.")
     grad_cache_chunk: int = Field(0, ge=0, description="GradCache: embed in chunks of this many texts so big "
                                   "batches fit in memory (0: off; needs engine 'ddp').")
     query_prefix: str = Field("", description="Prepended to queries (e.g. 'query: '); saved as the model's prompt.")

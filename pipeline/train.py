@@ -2,7 +2,8 @@
 
 `train_loop` is what each Ray Train worker runs; `run_stage` builds the TorchTrainer from config
 (ScalingConfig(num_workers, use_gpu)), so scaling out means changing one number. The optimiser engine
-is DeepSpeed ZeRO (bf16 on GPUs, gloo on CPUs) or plain AdamW with an all-reduce of gradients.
+is DeepSpeed ZeRO (gloo on CPUs) or plain AdamW with an all-reduce of gradients, in bf16 where the hardware
+multiplies it natively (`use_bf16`).
 Batching, the loss and GradCache live in `pipeline/contrastive.py`. Checkpoints (every N steps and at
 each epoch end) carry everything a resumed run needs to continue exactly where it stopped: the weights,
 the optimiser moments and schedule, every worker's RNG state and the step (which fixes the sampler's
@@ -38,9 +39,24 @@ TRAINER_STATE = "trainer_state.json"
 MODEL_DIR, ENGINE_DIR, RNG_DIR = "model", "engine", "rng"
 
 
+def use_bf16(precision: str, on_gpu: bool) -> bool:
+    """train.precision resolved on this worker. 'auto' picks bf16 where it is native: on this box's AVX512-BF16
+    CPU a matmul runs 4.3x faster in bf16 and the training benchmark 1.4x, at the same val NDCG@10
+    (benchmarks/README.md); where bf16 is emulated (CPUs without those instructions) it would be slower."""
+    import torch
+
+    if precision != "auto":
+        return precision == "bf16"
+    if on_gpu:
+        return torch.cuda.is_bf16_supported()
+    # torch names these probes privately; a torch without them counts as no native bf16.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 class PlainEngine:
-    """torch AdamW; gradients averaged across workers with an all-reduce (what DDP does); bf16 autocast
-    on GPUs (fp32 weights and optimiser, as sentence-transformers' trainer does with bf16=True)."""
+    """torch AdamW; gradients averaged across workers with an all-reduce (what DDP does); bf16 as autocast
+    (fp32 weights and optimiser, as sentence-transformers' trainer does with bf16=True)."""
 
     def __init__(self, model, lr: float, schedule, world: int, bf16: bool = False, max_grad_norm: float = 0.0,
                  weight_decay: float = 0.0):
@@ -51,10 +67,14 @@ class PlainEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def forward(self, features):
+        return self._autocast(self.model, features)
+
+    def _autocast(self, module, features):
         import torch
 
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(features)
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
+            return module(features)
 
     def backward(self, loss) -> None:
         loss.backward()
@@ -106,10 +126,11 @@ def own_torch_extensions_dir() -> str:
 
 
 class DeepSpeedEngine(PlainEngine):
-    """DeepSpeed ZeRO (stage 1/2) on the process group Ray Train set up (NCCL on GPUs, gloo on CPUs);
-    bf16 on GPUs. ZeRO-1/2 keep full weights on every rank, so rank 0 saves the plain model."""
+    """DeepSpeed ZeRO (stage 1/2) on the process group Ray Train set up (NCCL on GPUs, gloo on CPUs).
+    bf16: DeepSpeed's own mode on GPUs, autocast on CPUs (fp32 weights; gloo and DeepSpeed's CPU path keep
+    fp32 gradients). ZeRO-1/2 keep full weights on every rank, so rank 0 saves the plain model."""
 
-    def __init__(self, model, lr: float, schedule, world: int, tc: TrainConfig, on_gpu: bool):
+    def __init__(self, model, lr: float, schedule, world: int, tc: TrainConfig, on_gpu: bool, bf16: bool):
         import deepspeed
         import torch
 
@@ -118,15 +139,17 @@ class DeepSpeedEngine(PlainEngine):
         config = {"train_micro_batch_size_per_gpu": tc.queries_per_worker, "gradient_accumulation_steps": 1,
                   "gradient_clipping": tc.max_grad_norm, "zero_optimization": {"stage": tc.zero_stage},
                   "zero_allow_untested_optimizer": True,  # torch's AdamW (DeepSpeed's own needs a CUDA build)
-                  "bf16": {"enabled": on_gpu}, "steps_per_print": 10**9}
+                  "bf16": {"enabled": bf16 and on_gpu}, "steps_per_print": 10**9}
         own_torch_extensions_dir()  # before init: on CPUs it loads (or builds) the shared-memory op
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-        self.model, self.world = model, world
+        self.model, self.world, self.bf16 = model, world, bf16 and not on_gpu  # self.bf16: autocast
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
 
     def forward(self, features):
-        return self.engine(features)
+        # DeepSpeed's forward switches an outer autocast off only when torch.is_autocast_enabled() (CUDA's) is
+        # on; the CPU's stays on (tests/test_train_logic.py checks the output is bf16).
+        return self._autocast(self.engine, features)
 
     def backward(self, loss) -> None:
         self.engine.backward(loss)
@@ -238,10 +261,11 @@ class Worker:
                                 device=self.device)
         self.model.prompts = {k: v for k, v in (("query", tc.query_prefix), ("passage", tc.passage_prefix)) if v}
         self.model.train()
+        self.bf16 = use_bf16(tc.precision, on_gpu)
         if tc.engine == "deepspeed":
-            self.engine = DeepSpeedEngine(self.model, tc.lr, schedule, self.world, tc, on_gpu)
+            self.engine = DeepSpeedEngine(self.model, tc.lr, schedule, self.world, tc, on_gpu, self.bf16)
         else:
-            self.engine = PlainEngine(self.model, tc.lr, schedule, self.world, bf16=on_gpu,
+            self.engine = PlainEngine(self.model, tc.lr, schedule, self.world, bf16=self.bf16,
                                       max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay)
         if resume_dir:  # continue exactly: optimiser moments, schedule, dropout RNG, sampler position
             self.state = json.loads((resume_dir / TRAINER_STATE).read_text())
@@ -261,7 +285,8 @@ class Worker:
 
             self.writer = SummaryWriter(str(self._local(config["tensorboard_dir"])))
             self.log({"event": "start", "global_step": self.state["global_step"], "world": self.world,
-                      "engine": tc.engine, "global_batch": self.sampler.global_batch,
+                      "engine": tc.engine, "precision": "bf16" if self.bf16 else "fp32",
+                      "global_batch": self.sampler.global_batch,
                       "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total})
 
     def _local(self, path: str) -> Path:
@@ -473,6 +498,14 @@ def follow_progress(log_path: Path, epochs: int, every_s: float = 2.0, every_ste
         thread.join(timeout=10)
 
 
+def worker_malloc_env() -> dict[str, str]:
+    """Ray Train runs the training loop in a thread of its own, and glibc gives each thread its own malloc
+    arena: the activations' allocations then map and unmap heaps at every step. One arena for the worker
+    process: a bf16 step of the benchmark's shape 6.75 s -> 5.81 s (5.65 s on a main thread), measured on
+    this 2-core box (benchmarks/README.md). A MALLOC_ARENA_MAX already set is left alone."""
+    return {} if "MALLOC_ARENA_MAX" in os.environ else {"MALLOC_ARENA_MAX": "1"}
+
+
 def run_stage(cfg, run, rec) -> None:
     import pyarrow.parquet as pq
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -510,7 +543,8 @@ def run_stage(cfg, run, rec) -> None:
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=2, checkpoint_score_attribute="val_ndcg@10" if has_val else None,
                                  checkpoint_score_order="max"),
-                             failure_config=FailureConfig(max_failures=tc.placement.max_failures)),
+                             failure_config=FailureConfig(max_failures=tc.placement.max_failures),
+                             worker_runtime_env={"env_vars": worker_malloc_env()}),
     )
     # Ray Train's controller polls the workers every 2 s, so it saw the end of training 2.6-3.3 s late here
     # (0.8-1.2 s at 0.5 s; benchmarks/README.md, issue 14). A user's own setting wins.
@@ -534,7 +568,8 @@ def run_stage(cfg, run, rec) -> None:
     starts = [r for r in log if r.get("event") == "start"]
     rec.manifest.counts = {"train_rows": n_rows, "steps": kept["global_step"], "workers": tc.num_workers,
                            "global_batch": starts[-1]["global_batch"] if starts else None,
-                           "engine": tc.engine, "restarts": len(starts) - 1,
+                           "engine": tc.engine, "precision": starts[-1].get("precision") if starts else None,
+                           "restarts": len(starts) - 1,
                            "first_loss": steps[0]["loss"] if steps else None,
                            "last_loss": steps[-1]["loss"] if steps else None,
                            "kept_checkpoint": {"global_step": kept["global_step"], "val_ndcg@10": kept.get("best")

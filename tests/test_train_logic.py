@@ -280,6 +280,51 @@ def test_plain_engine_resumes_with_its_optimiser_moments(tmp_path):
         assert torch.allclose(v, resumed.state_dict()[k], atol=1e-7), k
 
 
+# -- precision: bf16 where the hardware multiplies it natively, fp32 weights and gradients either way ----------
+
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    from pipeline.train import use_bf16
+
+    assert use_bf16("fp32", on_gpu=False) is False and use_bf16("bf16", on_gpu=False) is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        assert use_bf16("auto", on_gpu=False) is native
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: no bf16
+    assert use_bf16("auto", on_gpu=False) is False
+
+
+def _deepspeed_forward_dtype(port, out):
+    from pipeline.config import TrainConfig
+    from pipeline.train import DeepSpeedEngine
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    model = torch.nn.Linear(4, 2)
+    engine = DeepSpeedEngine(model, 1e-2, warmup_then_cosine(2, 0.0), 1, TrainConfig(), on_gpu=False, bf16=True)
+    y = engine.forward(torch.randn(3, 4))
+    engine.backward(y.float().pow(2).sum())
+    out.put((str(y.dtype), str(model.weight.dtype)))
+
+
+def test_bf16_on_a_cpu_runs_the_model_in_bf16_and_keeps_fp32_weights():
+    """Both engines: the matmuls in bf16 (autocast), the weights and their gradients fp32."""
+    from pipeline.train import PlainEngine
+
+    model = torch.nn.Linear(4, 2)
+    engine = PlainEngine(model, 1e-2, warmup_then_cosine(2, 0.0), world=1, bf16=True)
+    y = engine.forward(torch.randn(3, 4))
+    engine.backward(y.float().pow(2).sum())
+    assert y.dtype == torch.bfloat16 and model.weight.grad.dtype == torch.float32
+    assert PlainEngine(model, 1e-2, warmup_then_cosine(2, 0.0), world=1).forward(torch.randn(3, 4)).dtype \
+        == torch.float32
+    ctx = mp.get_context("spawn")  # DeepSpeed sets up a process group: not in the test process
+    out = ctx.Queue()
+    proc = ctx.Process(target=_deepspeed_forward_dtype, args=(free_port(), out))
+    proc.start()
+    assert out.get(timeout=120) == ("torch.bfloat16", "torch.float32")
+    proc.join(timeout=60)
+
+
 def test_each_python_environment_has_its_own_deepspeed_op_folder(monkeypatch):
     """DeepSpeed's CPU op's build file names the environment's paths: in torch's one shared folder, two
     checkouts' venvs rebuilt it for each other at every switch. Warmup builds it, training loads it, here."""
