@@ -12,6 +12,7 @@ claims over the whole corpus. Variants:
     .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 titles:benchmarks/work/scifact-1500  # titles as queries
     .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 ict:1000   # a document's own sentence as its query
     .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 last:1000  # its last sentence
+    .venv/bin/python benchmarks/loss_probe.py mnrl 0.2 --bf16      # trained in bf16 (autocast), scored in fp32
 The two forms naming benchmarks/work/scifact-1500 need a run folder with sdg/ and prep/ (e.g. from
 benchmarks/scifact.py --docs 1500); ict:N and last:N need neither an LLM nor a run folder.
 """
@@ -29,14 +30,16 @@ from sentence_transformers import SentenceTransformerTrainer, SentenceTransforme
 from datasets import Dataset
 import bm25s, Stemmer, pytrec_eval
 torch.set_num_threads(2)
-variant = sys.argv[1]; lam = float(sys.argv[2]) if len(sys.argv) > 2 else 0.2
+bf16 = "--bf16" in sys.argv  # does bf16 training (train.precision 'auto' on a CPU with native bf16) cost quality?
+argv = [a for a in sys.argv if a != "--bf16"]
+variant = argv[1]; lam = float(argv[2]) if len(argv) > 2 else 0.2
 # Optional third argument: a run folder whose SDG queries (zero-label, on its train-split documents) replace the
 # human train claims. This asks the GPL question: does a teacher's graded label rescue noisy synthetic queries?
 # "titles:RUN" uses each train-split document's title as its query and the body alone as the positive: a
 # pseudo-query source that needs no LLM.
 # "ict:N" / "last:N": N seeded documents, each with one of its own sentences as the query (a random one: the
 # Inverse Cloze Task; or its last, the abstract's conclusion) and the rest of the document as the positive.
-source = sys.argv[3] if len(sys.argv) > 3 else ""
+source = argv[3] if len(argv) > 3 else ""
 titles_as_queries = source.startswith("titles:")
 kind, _, sentence_docs = source.partition(":")
 sentence_mode = kind if kind in ("ict", "last") else ""
@@ -134,7 +137,7 @@ else:  # margin mse: one triple per negative, label = teacher margin
 args = SentenceTransformerTrainingArguments(output_dir=str(WORK / ("out-" + variant)), num_train_epochs=1,
         per_device_train_batch_size=32, learning_rate=2e-5, warmup_ratio=0.1, save_strategy="no",
         logging_steps=10, report_to=[], seed=13, batch_sampler="no_duplicates" if variant.startswith("mnrl") else "batch_sampler",
-        dataloader_drop_last=False, use_cpu=True)
+        dataloader_drop_last=False, use_cpu=True, bf16=bf16)
 t = time.time()
 SentenceTransformerTrainer(model=student, args=args, train_dataset=ds, loss=loss).train()
 print("train s", time.time() - t, flush=True)
@@ -153,4 +156,4 @@ def evaluate(model, name):
         f.write(json.dumps({"variant": name, "ndcg@10": round(ndcg, 4), "recall@100": round(rec100, 4)}) + "\n")
 if variant == "mnrl" and not (WORK / "base_done").exists():
     evaluate(m, "base"); (WORK / "base_done").touch()
-evaluate(student, f"{variant_label} lam={lam} rows={len(rows)}")
+evaluate(student, f"{variant_label} lam={lam} rows={len(rows)}" + (" bf16" if bf16 else ""))

@@ -17,9 +17,16 @@ false, as bare sentence-transformers (2 threads) has none; ours still writes its
 ours with the val pass at its checkpoint (the stage's default) against sentence-transformers given the same
 duties (its IR evaluator on the same val set and a checkpoint; compare wall times: its own "in loop" figure
 includes them). Plus ours with two workers (1 thread each, 8 rows each: the same global batch of 16, every
-query scored against all 16 positives and 48 hard negatives through the all-gather). Prints examples/s
+query scored against all 16 positives and 48 hard negatives through the all-gather). All of these train in
+fp32 (the issue's settings; train.precision=fp32, whatever the stage's 'auto' picks). Prints examples/s
 (wall, and inside the training loop), peak memory and val NDCG@10, and the ratios; writes
 results/training.json.
+
+bf16 (both trainers' autocast, fp32 weights), a third like-for-like pair, run on request: `ours-bf16`
+(train.precision=bf16, what 'auto' picks on a CPU with AVX512-BF16 or AMX) against
+`sentence-transformers-bf16` (bf16=True), e.g.
+
+    .venv/bin/python benchmarks/training.py --methods ours-bf16 sentence-transformers-bf16 ours sentence-transformers
 """
 from __future__ import annotations
 
@@ -43,8 +50,11 @@ SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 CORPUS_DOCS = 2000
 ST_SAME_DUTIES = "sentence-transformers-same-duties"
 OURS_VALIDATED = "ours-validated"
+ST_BF16 = "sentence-transformers-bf16"
 METHODS = {"ours": {"workers": 1}, "sentence-transformers": {}, OURS_VALIDATED: {"workers": 1, "duties": True},
-           ST_SAME_DUTIES: {"duties": True}, "ours-2-workers": {"workers": 2}}
+           ST_SAME_DUTIES: {"duties": True}, "ours-2-workers": {"workers": 2},
+           "ours-bf16": {"workers": 1, "bf16": True}, ST_BF16: {"bf16": True}}
+DEFAULT_METHODS = [m for m in METHODS if not METHODS[m].get("bf16")]
 # Duties at each checkpoint, beyond training: our stage always writes a resumable checkpoint (model, optimiser,
 # scheduler, RNG) and by default scores val NDCG@10 (to keep the best checkpoint). Bare ST does neither, so
 # "ours" skips the val pass; "ours-validated" keeps it and is compared with "same-duties", ST given both: its
@@ -115,11 +125,13 @@ def train_table(source: Path):
     return table.filter(pc.greater_equal(pc.list_value_length(table["negative_ids"]), SETTINGS["negatives"]))
 
 
-def train_ours(work: Path, source: Path, workers: int, validated: bool = False) -> tuple[str, int, float, int]:
+def train_ours(work: Path, source: Path, workers: int, validated: bool = False,
+               bf16: bool = False) -> tuple[str, int, float, int]:
     from pipeline.config import load_config
     from pipeline.runner import run_stage
 
-    run = make_run(source, work / (OURS_VALIDATED if validated else f"ours-{workers}-workers"))
+    run = make_run(source, work / (OURS_VALIDATED if validated else f"ours-{workers}-workers"
+                                   + ("-bf16" if bf16 else "")))
     per_worker = SETTINGS["batch_size"] // workers  # the same global batch whatever the worker count
     cfg = load_config(None, [f"train.queries_per_worker={per_worker}", f"train.epochs={SETTINGS['epochs']}",
                              f"train.negatives_per_query={SETTINGS['negatives']}", f"train.lr={SETTINGS['lr']}",
@@ -127,7 +139,8 @@ def train_ours(work: Path, source: Path, workers: int, validated: bool = False) 
                              f"train.loss_temperature={SETTINGS['temperature']}", f"train.num_workers={workers}",
                              f"train.placement.cpus_per_worker={2 // workers}", "train.keep=last", "ray.num_cpus=2",
                              "train.engine=deepspeed", f"seed={SETTINGS['seed']}",
-                             f"train.val_at_checkpoints={str(validated).lower()}"])
+                             f"train.val_at_checkpoints={str(validated).lower()}",
+                             f"train.precision={'bf16' if bf16 else 'fp32'}"])
     run_stage("train", cfg, run, force=True)
     log = [json.loads(x) for x in (run.root / "train" / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r and "event" not in r]
@@ -137,7 +150,8 @@ def train_ours(work: Path, source: Path, workers: int, validated: bool = False) 
     return str(run.root / "train" / "model"), len(steps), len(steps) * global_batch / loop_s, global_batch
 
 
-def train_sentence_transformers(work: Path, source: Path, duties: bool = False) -> tuple[str, int, float]:
+def train_sentence_transformers(work: Path, source: Path, duties: bool = False,
+                                bf16: bool = False) -> tuple[str, int, float]:
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -154,7 +168,7 @@ def train_sentence_transformers(work: Path, source: Path, duties: bool = False) 
     for i in range(k):
         data[f"negative_{i}"] = [r["negative_texts"][i] for r in rows]
     model = load_model(resolve_embedder("minilm"), device="cpu")
-    out = work / ("st-same-duties" if duties else "st")
+    out = work / (("st-same-duties" if duties else "st") + ("-bf16" if bf16 else ""))
     shutil.rmtree(out, ignore_errors=True)
     evaluator = None
     if duties:
@@ -173,7 +187,8 @@ def train_sentence_transformers(work: Path, source: Path, duties: bool = False) 
         per_device_train_batch_size=SETTINGS["batch_size"], learning_rate=SETTINGS["lr"],
         warmup_ratio=SETTINGS["warmup_ratio"], lr_scheduler_type="cosine", report_to=[],
         save_strategy="epoch" if duties else "no", eval_strategy="epoch" if duties else "no",
-        batch_sampler=BatchSamplers.NO_DUPLICATES, logging_steps=10, use_cpu=True, seed=SETTINGS["seed"])
+        batch_sampler=BatchSamplers.NO_DUPLICATES, logging_steps=10, use_cpu=True, seed=SETTINGS["seed"],
+        bf16=bf16)
     loss = MultipleNegativesRankingLoss(model, scale=1 / SETTINGS["temperature"])
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data), loss=loss,
                                          evaluator=evaluator)
@@ -202,11 +217,13 @@ def val_ndcg(model_path: str, source: Path) -> dict[str, float]:
 def child(method: str, work: Path, source: Path) -> dict:
     n_rows = train_table(source).num_rows
     t0 = time.perf_counter()
+    spec = METHODS[method]
     if method.startswith("ours"):
-        model, steps, loop_rate, global_batch = train_ours(work, source, METHODS[method]["workers"],
-                                                           METHODS[method].get("duties", False))
+        model, steps, loop_rate, global_batch = train_ours(work, source, spec["workers"], spec.get("duties", False),
+                                                           spec.get("bf16", False))
     else:
-        model, steps, loop_rate = train_sentence_transformers(work, source, METHODS[method].get("duties", False))
+        model, steps, loop_rate = train_sentence_transformers(work, source, spec.get("duties", False),
+                                                              spec.get("bf16", False))
         global_batch = SETTINGS["batch_size"]
     seconds = time.perf_counter() - t0
     examples = steps * global_batch
@@ -266,6 +283,14 @@ def compare(by_name: dict) -> dict:
             # Wall only: HF's in-loop figure for that run includes its evaluation and checkpoint.
             ratios[name]["examples_per_s_over_st_same_duties"] = round(
                 ours["examples_per_s"] / by_name[ST_SAME_DUTIES]["examples_per_s"], 3)
+        if name == "ours-bf16" and ST_BF16 in by_name:  # the same precision
+            twin = by_name[ST_BF16]
+            val_test = paired_test([twin["val_per_query"][q] for q in qids], [ours["val_per_query"][q] for q in qids])
+            ratios[name].update({
+                "examples_per_s_over_st_bf16": round(ours["examples_per_s"] / twin["examples_per_s"], 3),
+                "loop_examples_per_s_over_st_bf16": round(ours["loop_examples_per_s"] / twin["loop_examples_per_s"], 3),
+                "val_ndcg10_minus_st_bf16": round(ours["val_ndcg@10"] - twin["val_ndcg@10"], 4),
+                "val_ndcg10_p_vs_st_bf16": round(val_test["p_value"], 4)})
     return ratios
 
 
@@ -273,7 +298,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "training"),
                     help="Scratch folder: the data (built on first use) and each method's run.")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     ap.add_argument("--seed", type=int, default=SETTINGS["seed"], help="Both trainers' seed (shuffle, dropout).")
     ap.add_argument("--rounds", type=int, default=1, help="Run every method this many times, round r with seed "
                     "SEED + r and the methods' order reversed every other round (timing noise on a shared "
@@ -319,16 +344,15 @@ def main() -> int:
     for r in results:
         r.pop("val_per_query")  # the paired tests above used them; the file keeps the means
     # Over rounds: median speed ratios (each round's pair ran back to back), mean val difference.
-    ratios = {name: {"examples_per_s_over_st": round(median([r["ratios"][name]["examples_per_s_over_st"] for r in rounds]), 3),
-                     "loop_examples_per_s_over_st": round(median([r["ratios"][name]["loop_examples_per_s_over_st"]
-                                                                  for r in rounds]), 3),
-                     "val_ndcg10_minus_st": round(sum(r["ratios"][name]["val_ndcg10_minus_st"] for r in rounds)
-                                                  / len(rounds), 4)}
-              for name in rounds[0]["ratios"]}
-    for name, ratio in ratios.items():
-        if "examples_per_s_over_st_same_duties" in rounds[0]["ratios"][name]:
-            ratio["examples_per_s_over_st_same_duties"] = round(median(
-                [r["ratios"][name]["examples_per_s_over_st_same_duties"] for r in rounds]), 3)
+    ratios = {}
+    for name, first in rounds[0]["ratios"].items():
+        ratios[name] = {}
+        for key in first:
+            values = [r["ratios"][name][key] for r in rounds]
+            if "examples_per_s" in key:
+                ratios[name][key] = round(median(values), 3)
+            elif key.startswith("val_ndcg10_minus"):
+                ratios[name][key] = round(sum(values) / len(values), 4)
     by_method = {m: [r for r in results if r["method"] == m] for m in args.methods}
     headline = {}
     if "ours" in by_method and "sentence-transformers" in by_method:
@@ -340,10 +364,11 @@ def main() -> int:
                     "ours_val_ndcg10": round(sum(r["val_ndcg@10"] for r in ours) / len(ours), 4),
                     "st_val_ndcg10": round(sum(r["val_ndcg@10"] for r in st) / len(st), 4), "rounds": args.rounds}
         for method, key in ((OURS_VALIDATED, "ours_validated_examples_per_s"),
-                            (ST_SAME_DUTIES, "st_same_duties_examples_per_s")):
+                            (ST_SAME_DUTIES, "st_same_duties_examples_per_s"),
+                            ("ours-bf16", "ours_bf16_examples_per_s"), (ST_BF16, "st_bf16_examples_per_s")):
             if method in by_method:
                 headline[key] = median([r["examples_per_s"] for r in by_method[method]])
-    name = "training" if set(args.methods) == set(METHODS) else "training-" + "-".join(args.methods)
+    name = "training" if set(args.methods) == set(DEFAULT_METHODS) else "training-" + "-".join(args.methods)
     extra = f" --seed {args.seed}" if args.seed != DEFAULT_SEED else ""
     if extra:
         name += f"-seed{args.seed}"
@@ -362,6 +387,10 @@ def main() -> int:
     if "examples_per_s_over_st_same_duties" in ratios.get(OURS_VALIDATED, {}):
         print(f"examples/s {OURS_VALIDATED}/{ST_SAME_DUTIES}: wall "
               f"{ratios[OURS_VALIDATED]['examples_per_s_over_st_same_duties']:.3f}x")
+    if "examples_per_s_over_st_bf16" in ratios.get("ours-bf16", {}):
+        bf16 = ratios["ours-bf16"]
+        print(f"examples/s ours-bf16/{ST_BF16}: wall {bf16['examples_per_s_over_st_bf16']:.3f}x, in loop "
+              f"{bf16['loop_examples_per_s_over_st_bf16']:.3f}x; val NDCG@10 {bf16['val_ndcg10_minus_st_bf16']:+.4f}")
     return 0
 
 
