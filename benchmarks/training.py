@@ -27,11 +27,15 @@ bf16 (both trainers' autocast, fp32 weights), a third like-for-like pair, run on
 `sentence-transformers-bf16` (bf16=True), e.g.
 
     .venv/bin/python benchmarks/training.py --methods ours-bf16 sentence-transformers-bf16 ours sentence-transformers
+
+`ours-bf16-glibc-arenas` is `ours-bf16` with glibc's default malloc arenas instead of the one arena the stage
+gives its Ray Train workers: `--methods ours-bf16 ours-bf16-glibc-arenas` measures that setting.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -53,7 +57,10 @@ OURS_VALIDATED = "ours-validated"
 ST_BF16 = "sentence-transformers-bf16"
 METHODS = {"ours": {"workers": 1}, "sentence-transformers": {}, OURS_VALIDATED: {"workers": 1, "duties": True},
            ST_SAME_DUTIES: {"duties": True}, "ours-2-workers": {"workers": 2},
-           "ours-bf16": {"workers": 1, "bf16": True}, ST_BF16: {"bf16": True}}
+           "ours-bf16": {"workers": 1, "bf16": True}, ST_BF16: {"bf16": True},
+           # The stage gives its Ray Train workers one malloc arena; with MALLOC_ARENA_MAX already set it leaves
+           # the setting alone, so this row trains with glibc's default for 2 cores (8 arenas per core).
+           "ours-bf16-glibc-arenas": {"workers": 1, "bf16": True, "env": {"MALLOC_ARENA_MAX": "16"}}}
 DEFAULT_METHODS = [m for m in METHODS if not METHODS[m].get("bf16")]
 # Duties at each checkpoint, beyond training: our stage always writes a resumable checkpoint (model, optimiser,
 # scheduler, RNG) and by default scores val NDCG@10 (to keep the best checkpoint). Bare ST does neither, so
@@ -125,13 +132,12 @@ def train_table(source: Path):
     return table.filter(pc.greater_equal(pc.list_value_length(table["negative_ids"]), SETTINGS["negatives"]))
 
 
-def train_ours(work: Path, source: Path, workers: int, validated: bool = False,
+def train_ours(run_dir: Path, source: Path, workers: int, validated: bool = False,
                bf16: bool = False) -> tuple[str, int, float, int]:
     from pipeline.config import load_config
     from pipeline.runner import run_stage
 
-    run = make_run(source, work / (OURS_VALIDATED if validated else f"ours-{workers}-workers"
-                                   + ("-bf16" if bf16 else "")))
+    run = make_run(source, run_dir)
     per_worker = SETTINGS["batch_size"] // workers  # the same global batch whatever the worker count
     cfg = load_config(None, [f"train.queries_per_worker={per_worker}", f"train.epochs={SETTINGS['epochs']}",
                              f"train.negatives_per_query={SETTINGS['negatives']}", f"train.lr={SETTINGS['lr']}",
@@ -219,8 +225,8 @@ def child(method: str, work: Path, source: Path) -> dict:
     t0 = time.perf_counter()
     spec = METHODS[method]
     if method.startswith("ours"):
-        model, steps, loop_rate, global_batch = train_ours(work, source, spec["workers"], spec.get("duties", False),
-                                                           spec.get("bf16", False))
+        model, steps, loop_rate, global_batch = train_ours(work / method, source, spec["workers"],
+                                                           spec.get("duties", False), spec.get("bf16", False))
     else:
         model, steps, loop_rate = train_sentence_transformers(work, source, spec.get("duties", False),
                                                               spec.get("bf16", False))
@@ -234,10 +240,11 @@ def child(method: str, work: Path, source: Path) -> dict:
             "val_ndcg@10": round(sum(per_query.values()) / len(per_query), 4), "val_per_query": per_query}
 
 
-def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, dict]:
     import psutil
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
     peak = {"tree_mib": 0.0, "largest_process_mib": 0.0}
 
     def sample():
@@ -261,21 +268,12 @@ def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
 
 def compare(by_name: dict) -> dict:
     """Each of our rows against bare sentence-transformers in the same round (same seed)."""
-    from pipeline.report import paired_test
-
     st = by_name.get("sentence-transformers")
     ratios = {}
     for name, ours in by_name.items():
         if st is None or name.startswith("sentence-transformers"):
             continue
-        # Is the val difference more than the noise of this val set? (paired over its queries)
-        qids = sorted(st["val_per_query"])
-        val_test = paired_test([st["val_per_query"][q] for q in qids], [ours["val_per_query"][q] for q in qids])
-        ratios[name] = {"examples_per_s_over_st": round(ours["examples_per_s"] / st["examples_per_s"], 3),
-                        "loop_examples_per_s_over_st": round(ours["loop_examples_per_s"] / st["loop_examples_per_s"], 3),
-                        "val_ndcg10_minus_st": round(ours["val_ndcg@10"] - st["val_ndcg@10"], 4),
-                        "val_ndcg10_p_vs_st": round(val_test["p_value"], 4),
-                        "val_ndcg10_ci95_vs_st": [round(x, 4) for x in val_test["ci95"]],
+        ratios[name] = {**against(ours, st, "st"),
                         "peak_tree_rss_over_st": round(ours["peak_rss"]["tree_mib"] / st["peak_rss"]["tree_mib"], 3),
                         "peak_trainer_rss_over_st": round(ours["peak_rss"]["largest_process_mib"]
                                                           / st["peak_rss"]["largest_process_mib"], 3)}
@@ -283,15 +281,23 @@ def compare(by_name: dict) -> dict:
             # Wall only: HF's in-loop figure for that run includes its evaluation and checkpoint.
             ratios[name]["examples_per_s_over_st_same_duties"] = round(
                 ours["examples_per_s"] / by_name[ST_SAME_DUTIES]["examples_per_s"], 3)
-        if name == "ours-bf16" and ST_BF16 in by_name:  # the same precision
-            twin = by_name[ST_BF16]
-            val_test = paired_test([twin["val_per_query"][q] for q in qids], [ours["val_per_query"][q] for q in qids])
-            ratios[name].update({
-                "examples_per_s_over_st_bf16": round(ours["examples_per_s"] / twin["examples_per_s"], 3),
-                "loop_examples_per_s_over_st_bf16": round(ours["loop_examples_per_s"] / twin["loop_examples_per_s"], 3),
-                "val_ndcg10_minus_st_bf16": round(ours["val_ndcg@10"] - twin["val_ndcg@10"], 4),
-                "val_ndcg10_p_vs_st_bf16": round(val_test["p_value"], 4)})
+        if METHODS[name].get("bf16") and ST_BF16 in by_name:  # the same precision
+            ratios[name].update(against(ours, by_name[ST_BF16], "st_bf16"))
     return ratios
+
+
+def against(ours: dict, base: dict, suffix: str) -> dict:
+    """Speed ratios and the val difference of one of our rows over a baseline row; the val difference is tested
+    paired over the val queries (is it more than this val set's noise?)."""
+    from pipeline.report import paired_test
+
+    qids = sorted(base["val_per_query"])
+    val_test = paired_test([base["val_per_query"][q] for q in qids], [ours["val_per_query"][q] for q in qids])
+    return {f"examples_per_s_over_{suffix}": round(ours["examples_per_s"] / base["examples_per_s"], 3),
+            f"loop_examples_per_s_over_{suffix}": round(ours["loop_examples_per_s"] / base["loop_examples_per_s"], 3),
+            f"val_ndcg10_minus_{suffix}": round(ours["val_ndcg@10"] - base["val_ndcg@10"], 4),
+            f"val_ndcg10_p_vs_{suffix}": round(val_test["p_value"], 4),
+            f"val_ndcg10_ci95_vs_{suffix}": [round(x, 4) for x in val_test["ci95"]]}
 
 
 def main() -> int:
@@ -323,7 +329,7 @@ def main() -> int:
         by_name = {}
         for method in order:
             proc, peak = run_measured([sys.executable, __file__, "--child", method, "--work", str(work),
-                                       "--seed", str(seed)])
+                                       "--seed", str(seed)], METHODS[method].get("env", {}))
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
