@@ -128,15 +128,19 @@ class CorpusConfig(Section):
 
 
 class SDGConfig(Section):
-    backend: Literal["transformers", "vllm", "openai"] = Field(
-        "transformers", description="LLM engine: transformers (CPU/GPU), vllm (offline engine per actor), openai "
-        "(any OpenAI-compatible server, e.g. `vllm serve` or a NIM).")
-    llm: str = Field("smollm2", description="'smollm2', 'gemma3' (packaged GGUF) or a HF model folder; with "
+    backend: Literal["transformers", "llamacpp", "vllm", "openai"] = Field(
+        "transformers", description="LLM engine: transformers (CPU/GPU), llamacpp (llama.cpp on the GGUF, CPU), vllm "
+        "(offline engine per actor), openai (any OpenAI-compatible server, e.g. `vllm serve` or a NIM).")
+    llm: str = Field("smollm2", description="'smollm2', 'gemma3', 'qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b' "
+                     "(packaged GGUF), a HF model folder, or (backend llamacpp) a .gguf file; with "
                      "backend 'openai', the name the server serves the model under.")
     output: Literal["line", "json"] = Field("line", description="One query per reply (n samples), or one reply "
                                             "holding a JSON list of the n queries, parsed item by item.")
     max_chunk_chars: int = Field(12000, ge=100, description="Backend 'openai': longer chunks are cut (and counted); "
                                  "the local backends cut at the model's context in tokens.")
+    chunks: Literal["all", "first"] = Field("all", description="Which chunks get queries: all, or each document's "
+                                            "first only (where retrieval sees a document through its first chunk, "
+                                            "e.g. an index of truncated documents as BEIR evaluates them).")
     query_types: dict[str, int] = Field(default_factory=lambda: {"question": 2, "keyword": 1},
                                         description="Queries per chunk of each type (question, claim, keyword, "
                                                     "... as defined in the prompts file).")
@@ -339,6 +343,10 @@ class RayConfig(Section):
                                                         "replicas on an embedded Ray: Ray's HAProxy (no Python hop; "
                                                         "Linux) or Ray's Python proxy. A cluster's own environment "
                                                         "decides there.")
+    shard_stall_timeout_s: float = Field(1800.0, gt=0, description="A shard in flight whose worker reports no "
+                                         "progress (SDG: a batch of chunks done) for this long fails the stage as "
+                                         "stuck, naming it; finished shards are kept. A slow shard that reports "
+                                         "progress is never cut off.")
 
 
 class RetrofitConfig(Section):

@@ -26,7 +26,8 @@ def configure(ray_section) -> None:
     starting Ray: whichever stage needs Ray first (SDG, or prep/eval/export past their size thresholds)
     starts it with these, never with Ray's defaults."""
     _settings.update(address=ray_section.address, num_cpus=ray_section.num_cpus,
-                     metrics_port=ray_section.metrics_export_port, serve_ingress=ray_section.serve_ingress)
+                     metrics_port=ray_section.metrics_export_port, serve_ingress=ray_section.serve_ingress,
+                     stall_timeout_s=ray_section.shard_stall_timeout_s)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None,
@@ -71,6 +72,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # we print our own progress line per shard
+    # Ray Data's no-progress guard counts finished blocks only: one shard that a 1.5B LLM on a CPU works on
+    # for an hour looks hung to it (ExecutionTimeoutError after 1800 s, the stage lost). map_shards watches
+    # the workers' own progress reports instead.
+    ctx.execution_no_progress_timeout_s = -1
     ctx.print_on_execution_start = False
     # Ray Data's own lines ("Progress bars disabled", "Dataset ... execution finished") go to its log file
     # (ray-data/ray-data.log in the worker logs folder) only; its errors still reach the console.
@@ -137,12 +142,17 @@ class Progress:
 
 def map_shards(worker_cls: type, tasks: list[dict], *, ctor_kwargs: dict, use_ray: bool = True,
                num_actors: int = 1, num_cpus: float = 1, num_gpus: float = 0, resources: dict | None = None,
-               label: str = "stage") -> Iterator[dict]:
+               label: str = "stage", stall_timeout_s: float | None = None) -> Iterator[dict]:
     """Run worker_cls over shard tasks and yield one result dict per finished shard.
 
     Each task is a small dict of scalars (a shard id and row range); the worker reads its rows,
     writes its output file and returns a summary. Only summaries travel back to the driver, so the
     driver's memory does not grow with the corpus.
+
+    A worker may report progress inside a shard: map_shards sets `worker.on_progress(done, total)` before
+    each shard. Those reports are printed (at most once a minute) while shards are in flight, and a shard
+    that has reported once and then stays silent for `stall_timeout_s` (default: the run's
+    ray.shard_stall_timeout_s) stops the stage with an error naming it; finished shards are kept.
     """
     progress = Progress(label, len(tasks))
     if not tasks:
@@ -150,19 +160,25 @@ def map_shards(worker_cls: type, tasks: list[dict], *, ctor_kwargs: dict, use_ra
     if not use_ray:
         worker = worker_cls(**ctor_kwargs)
         for task in tasks:
+            worker.on_progress = _InShardLine(label, task["shard_id"])
             result = worker.process(task)
             progress.advance(extra=_summary(result))
             yield result
         return
 
     import ray.data
+    from ray.util.queue import Queue
 
     ensure_ray()  # Ray Data would otherwise start a default Ray that ignores the run's settings
+    stall_timeout_s = stall_timeout_s or _settings.get("stall_timeout_s") or 1800.0
+    beats = Queue(actor_options={"num_cpus": 0})  # workers -> driver: (shard_id, done, total)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds.context.execution_no_progress_timeout_s = -1  # see ensure_ray; this dataset's own copy of the context
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray 2.60, only the deprecated ray_remote_args it warns about.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(_BatchAdapter, fn_constructor_kwargs={"worker_cls": worker_cls, "ctor_kwargs": ctor_kwargs},
+        ds = ds.map_batches(_BatchAdapter, fn_constructor_kwargs={"worker_cls": worker_cls, "ctor_kwargs": ctor_kwargs,
+                                                                  "beats": beats},
                             batch_size=1, batch_format="pandas",
                             compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(tasks))),
                             num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
@@ -170,10 +186,95 @@ def map_shards(worker_cls: type, tasks: list[dict], *, ctor_kwargs: dict, use_ra
                             # each time (out of memory loading the LLM) would hang the stage, and Ray logs an "E"
                             # line for every pool (ray#57733). A failed shard fails the stage; a rerun resumes.
                             max_restarts=0)
-    for row in ds.iter_rows():
-        result = dict(row)
-        progress.advance(extra=_summary(result))
-        yield result
+    watch = _ShardWatch(label, stall_timeout_s)
+    try:
+        for result in _rows_while_watching(ds, beats, watch):
+            watch.finished(result.get("shard_id"))
+            progress.advance(extra=_summary(result))
+            yield result
+    finally:
+        ray.kill(beats.actor)
+
+
+def _rows_while_watching(ds, beats, watch: "_ShardWatch", poll_s: float = 2.0) -> Iterator[dict]:
+    """ds's rows, read in a thread so that the driver keeps reading the workers' progress reports (and
+    can tell a stuck shard) while no shard finishes."""
+    import queue
+    import threading
+
+    rows: queue.Queue = queue.Queue()
+    end = object()
+
+    def read():
+        try:
+            for row in ds.iter_rows():
+                rows.put(dict(row))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
+            rows.put(e)
+        rows.put(end)
+
+    threading.Thread(target=read, daemon=True, name="map_shards-rows").start()
+    while True:
+        try:
+            item = rows.get(timeout=poll_s)
+        except queue.Empty:
+            item = None
+        pending = beats.qsize()
+        for report in beats.get_nowait_batch(pending) if pending else ():
+            watch.beat(*report)
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            yield item
+        watch.check()
+
+
+class _ShardWatch:
+    """The driver's view of shards in flight: last report per shard, a progress line now and then, and
+    the stuck-shard check."""
+
+    def __init__(self, label: str, stall_timeout_s: float, print_every_s: float = 60.0,
+                 clock=time.monotonic):
+        self.label, self.stall_timeout_s, self.print_every_s, self.clock = label, stall_timeout_s, print_every_s, clock
+        self.in_flight: dict[int, tuple[int, int, float]] = {}  # shard -> (done, total, time of last report)
+        self.last_print = clock()
+
+    def beat(self, shard_id: int, done: int, total: int) -> None:
+        self.in_flight[int(shard_id)] = (done, total, self.clock())
+
+    def finished(self, shard_id) -> None:
+        if shard_id is not None:
+            self.in_flight.pop(int(shard_id), None)
+
+    def check(self) -> None:
+        from pipeline.errors import RetrofitError
+
+        now = self.clock()
+        for shard_id, (done, total, at) in sorted(self.in_flight.items()):
+            if done < total and now - at >= self.stall_timeout_s:  # done == total: Ray is delivering the result
+                raise RetrofitError(
+                    f"[{self.label}] shard {shard_id} is stuck: no progress for {now - at:.0f}s (at {done}/{total}; "
+                    f"ray.shard_stall_timeout_s={self.stall_timeout_s:.0f}). Every finished shard is kept: rerun "
+                    "to resume; check the engine (a hung LLM server?) or raise the timeout")
+        if self.in_flight and now - self.last_print >= self.print_every_s:
+            self.last_print = now
+            parts = ", ".join(f"shard {s} {d}/{t} ({now - at:.0f}s ago)"
+                              for s, (d, t, at) in sorted(self.in_flight.items()))
+            print(f"[{self.label}] in flight: {parts}", file=sys.stderr, flush=True)
+
+
+class _InShardLine:
+    """on_progress for a worker run in-process: a line at most every `every_s` seconds."""
+
+    def __init__(self, label: str, shard_id: int, every_s: float = 60.0):
+        self.label, self.shard_id, self.every_s, self.last = label, shard_id, every_s, time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            print(f"[{self.label}] shard {self.shard_id}: {done}/{total}", file=sys.stderr, flush=True)
 
 
 def _summary(result: dict) -> str:
@@ -181,14 +282,19 @@ def _summary(result: dict) -> str:
 
 
 class _BatchAdapter:
-    """Turns a plain worker (process(task) -> dict) into a Ray Data batch UDF."""
+    """Turns a plain worker (process(task) -> dict) into a Ray Data batch UDF; its progress reports go to
+    the driver through `beats`."""
 
-    def __init__(self, worker_cls: type, ctor_kwargs: dict):
-        self.worker = worker_cls(**ctor_kwargs)
+    def __init__(self, worker_cls: type, ctor_kwargs: dict, beats=None):
+        self.worker, self.beats = worker_cls(**ctor_kwargs), beats
 
     def __call__(self, batch):
         import pandas as pd
 
-        results = [self.worker.process(task) for task in batch.to_dict("records")]
+        results = []
+        for task in batch.to_dict("records"):
+            if self.beats is not None:
+                shard_id = int(task["shard_id"])
+                self.worker.on_progress = lambda done, total: self.beats.put_nowait((shard_id, done, total))
+            results.append(self.worker.process(task))
         return pd.DataFrame(results)
-
