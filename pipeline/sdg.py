@@ -129,6 +129,12 @@ def wrong_shape(query: str, spec: dict) -> bool:
         return True
     return bool(spec.get("must_not_contain") and spec["must_not_contain"] in query)
 
+def talks_about_source(query: str, spec: dict) -> bool:
+    """A reply about its source ("The abstract supports the claim that ...", "What does the study find?"):
+    a user's query names the thing, never "the text" it came from."""
+    return any(re.search(pattern, query, re.IGNORECASE) for pattern in spec.get("preambles", []))
+
+
 _PREFIX = re.compile(r"^\s*(?:\d+[.)]\s*|[-*•]\s*|(?:question|query|q)\s*[:.-]\s*)", re.IGNORECASE)
 
 
@@ -231,21 +237,24 @@ class QueryGenerator:
         self.engine = make_engine(sdg)
 
     def process(self, task: dict) -> dict:
-        import torch
-
         shard_id = int(task["shard_id"])
-        torch.manual_seed(self.seed * 100_003 + shard_id)  # same shard, same queries, whatever the actor
+        self.engine.reseed(self.seed * 100_003 + shard_id)  # same shard, same queries, whatever the actor
         start, stop = int(task["start"]), int(task["stop"])
         # One row past the shard: the last chunk's successor, for multi-hop pairs across the shard edge.
         chunks = pq.read_table(self.chunks_path, memory_map=True).slice(start, stop - start + 1).to_pylist()
         successor = {c["chunk_id"]: n for c, n in zip(chunks, chunks[1:]) if n["doc_id"] == c["doc_id"]}
         chunks = chunks[:stop - start]
+        if self.sdg.chunks == "first":
+            chunks = [c for c in chunks if c["chunk_index"] == 0]
         rows = []
         stats = {"truncated": 0, "too_short": 0, "too_long": 0, "wrong_shape": 0, "repetitive": 0,
-                 "copied_example": 0, "leaked_example": 0, "duplicate": 0, "malformed": 0, "pairs": 0}
+                 "preamble": 0, "copied_example": 0, "leaked_example": 0, "duplicate": 0, "malformed": 0, "pairs": 0}
         bs = self.sdg.chunks_per_call
         tokens_before = self.engine.output_tokens
+        report = getattr(self, "on_progress", None)  # set by map_shards: progress inside a long shard
         for i in range(0, len(chunks), bs):
+            if report:
+                report(i, len(chunks))
             batch = chunks[i:i + bs]
             texts = []
             for c in batch:
@@ -285,6 +294,8 @@ class QueryGenerator:
                             stats["too_long"] += 1
                         elif wrong_shape(q, spec):
                             stats["wrong_shape"] += 1
+                        elif talks_about_source(q, spec):
+                            stats["preamble"] += 1
                         elif repetitive(q):
                             stats["repetitive"] += 1
                         elif copies_example(q, [spec["example_query"], *self.examples]):
@@ -385,7 +396,7 @@ def run_stage(cfg, run, rec) -> None:
                            "chunks_per_s": round(fresh_chunks / seconds, 3) if seconds and fresh else None,
                            "queries_per_s": round(fresh_queries / seconds, 3) if seconds and fresh else None,
                            "output_tokens_per_s": round(fresh_tokens / seconds, 1) if seconds and fresh else None}
-    dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "repetitive", "duplicate",
+    dropped = {k: totals.get(k, 0) for k in ("too_short", "too_long", "wrong_shape", "preamble", "repetitive", "duplicate",
                                              "malformed", "truncated")}
     print(f"[sdg] {qa_rows} queries for {totals.get('chunks', 0)} chunks; dropped/flagged: {dropped}")
     for q in examples:

@@ -30,7 +30,7 @@ from pipeline.config import TrainConfig
 from pipeline.contrastive import BatchSampler, StepLayout, grad_cache_step, info_nce, warmup_then_cosine
 from pipeline.embedders import load_model
 from pipeline.errors import RetrofitError
-from pipeline.models import resolve_embedder
+from pipeline.models import native_bf16_cpu, resolve_embedder
 from pipeline.ray_runtime import check_resources, set_threads
 from pipeline.rundir import RunDir
 from pipeline.storage import cache_dir
@@ -49,9 +49,7 @@ def use_bf16(precision: str, on_gpu: bool) -> bool:
         return precision == "bf16"
     if on_gpu:
         return torch.cuda.is_bf16_supported()
-    # torch names these probes privately; a torch without them counts as no native bf16.
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return native_bf16_cpu()
 
 
 class PlainEngine:

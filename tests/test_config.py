@@ -21,7 +21,7 @@ def test_yaml_then_flags_and_profile(tmp_path):
 
 @pytest.mark.parametrize("override, field", [
     ("train.lr=-1", "train.lr"),
-    ("sdg.backend=llamacpp", "sdg.backend"),
+    ("sdg.backend=llama.cpp", "sdg.backend"),
     ("train.lerning_rate=1", "train.lerning_rate"),
     ("prep.test_fraction=0.95", "prep"),
     ("corpus.chunk_overlap=500", "corpus"),

@@ -240,3 +240,36 @@ def test_example_queries_reach_the_llm_before_the_instruction(vllm_server, tmp_p
     assert "- heap push keeps order?\n- why does join drop my prefix\n" in last
     assert last.index("why does join") < last.index("Write one")  # the instruction still comes last
     assert "heap push" not in _Recording.bodies[0]["messages"][0]["content"]  # the worked example stays as it was
+
+
+def test_llamacpp_engine_writes_queries_in_the_actor_reproducibly(tmp_path):
+    """llama.cpp on the packaged SmolLM2 GGUF (the generator's shape; the Qwen GGUFs run the same code): the
+    GGUF's chat template, threads = the actor's CPUs, the reply filters, `generated_by`, and the same shard
+    giving the same queries however often it is made."""
+    sdg = _sdg("backend=llamacpp", "placement.cpus_per_actor=2")
+    chunks = str(_chunks(tmp_path / "chunks.parquet"))
+    gen = QueryGenerator(chunks, str(tmp_path / "a"), sdg, seed=1)
+    assert gen.engine.llm.n_threads == 2 and gen.engine.origin == "llamacpp:smollm2"
+    assert "<|im_start|>" in gen.engine.llm.metadata["tokenizer.chat_template"]  # the template it applies
+    summary = gen.process({"shard_id": 0, "start": 0, "stop": 3})
+    first = pq.read_table(tmp_path / "a" / "shard-00000.parquet").to_pylist()
+    assert summary["chunks"] == 3 and summary["queries"] == len(first) >= 3 and summary["output_tokens"] > 0
+    assert all(r["query"].endswith("?") and r["generator"] == "smollm2" for r in first)
+    assert len({r["query"] for r in first}) == len(first)  # a prompt's two samples differ (one seed each)
+    gen.shard_dir = tmp_path / "b"
+    gen.process({"shard_id": 0, "start": 0, "stop": 3})
+    assert pq.read_table(tmp_path / "b" / "shard-00000.parquet").to_pylist() == first
+
+
+def test_transformers_engine_runs_in_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    import torch
+
+    import pipeline.models
+    from pipeline.llm import TransformersEngine
+    from pipeline.models import resolve_llm
+
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(pipeline.models, "native_bf16_cpu", lambda native=native: native)
+        engine = TransformersEngine(resolve_llm("smollm2"), _sdg())
+        assert engine.model.dtype == dtype
+        assert engine.generate([[{"role": "user", "content": "Name one prime number."}]], 1, True)[0][0].strip()

@@ -91,6 +91,30 @@ def test_multihop_queries_pair_a_chunk_with_the_next_of_its_document(tmp_path):
     assert all(r["related_chunk_ids"] == partner[r["chunk_id"]] and r["query_type"] == "multihop" for r in out)
 
 
+def test_first_chunks_only_get_queries_when_asked(tmp_path):
+    """sdg.chunks=first (documents seen through their first chunk): real SmolLM2 via llama.cpp, greedy; the
+    shard's other chunks get no prompt at all, and the shard counts only the chunks it wrote about."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from pipeline.corpus import CHUNK_SCHEMA
+    from pipeline.sdg import QueryGenerator
+
+    texts = {"A#0": "The json module encodes Python objects as JSON text with json.dumps.",
+             "A#1": "json.dumps accepts indent to pretty-print and sort_keys to order object keys.",
+             "B#0": "The heapq module implements a priority queue on top of a plain list."}
+    rows = [{"chunk_id": cid, "doc_id": cid[0], "title": "", "text": t, "chunk_index": int(cid[-1]), "n_tokens": 16}
+            for cid, t in texts.items()]
+    pq.write_table(pa.Table.from_pylist(rows, CHUNK_SCHEMA), tmp_path / "chunks.parquet")
+    sdg = load_config(None, ["sdg.query_types.question=1", "sdg.query_types.keyword=0", "sdg.temperature=0",
+                             "sdg.backend=llamacpp", "sdg.chunks=first"]).sdg
+    gen = QueryGenerator(str(tmp_path / "chunks.parquet"), str(tmp_path / "shards"), sdg, seed=1)
+    summary = gen.process({"shard_id": 0, "start": 0, "stop": 3})
+    out = pq.read_table(tmp_path / "shards" / "shard-00000.parquet").to_pylist()
+    assert summary["chunks"] == 2 and out and {r["chunk_id"] for r in out} <= {"A#0", "B#0"}
+
+
 def test_prompt_wording_is_part_of_the_sdg_stage_identity(tmp_path, monkeypatch):
     """Editing the prompts file (same config) must make SDG write again, not resume old shards."""
     from pipeline import sdg
