@@ -36,8 +36,8 @@ class Placement(Section):
 
 class ActorPlacement(Placement):
     num_actors: int = Field(1, ge=1, description="Ray actors working through the shards.")
-    cpus_per_actor: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0.0)
+    cpus_per_actor: int = Field(1, ge=1, description="CPUs per actor (its torch / llama.cpp threads).")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per actor (fractions share one GPU).")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor "
                                         "(e.g. {gpu_node: 1}) to pin the stage to matching nodes.")
 
@@ -55,7 +55,7 @@ class LLMServer(Placement):
     api_key_env: str = Field("RETROFIT_LLM_API_KEY", description="Environment variable holding the API key "
                              "(the key itself is never put in the config or logs).")
     concurrency: int = Field(8, ge=1, description="Requests in flight per actor.")
-    timeout_s: float = Field(120.0, gt=0.0)
+    timeout_s: float = Field(120.0, gt=0.0, description="Seconds one request may take before it is retried.")
     max_retries: int = Field(5, ge=0, description="Retries (exponential backoff) on 429/5xx/timeouts.")
 
 
@@ -65,12 +65,12 @@ class WorkerPlacement(Placement):
 
 
 class ReplicaPlacement(Placement):
-    num_replicas: int = Field(1, ge=1)
-    cpus_per_replica: float = Field(1.0, gt=0.0)
-    gpus_per_replica: float = Field(0.0, ge=0.0)
+    num_replicas: int = Field(1, ge=1, description="Replicas of the endpoint (without autoscaling).")
+    cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs per replica (its ONNX Runtime threads).")
+    gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs per replica (CUDA / TensorRT providers).")
     autoscaling: bool = Field(False, description="Scale replicas between min_replicas and max_replicas on load.")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas.")
+    max_replicas: int = Field(4, ge=1, description="Autoscaling: most replicas.")
     target_ongoing_requests: float = Field(16.0, gt=0.0, description="Autoscaling target per replica.")
 
     @model_validator(mode="after")
@@ -83,7 +83,8 @@ class ReplicaPlacement(Placement):
 class JudgeChoice(Section):
     """Who gives a second opinion on (query, passage) pairs. Short forms (a YAML string or --set value):
     'none', 'llm' (the sdg.llm), 'llm:MODEL' (another LLM) or a cross-encoder folder."""
-    kind: Literal["none", "llm", "cross_encoder"] = "none"
+    kind: Literal["none", "llm", "cross_encoder"] = Field("none", description="No judge, an LLM asked yes/no, or "
+                                                          "a cross-encoder's score.")
     model: str | None = Field(None, description="kind 'llm': a packaged LLM name or folder (unset: sdg.llm); kind "
                               "'cross_encoder': its folder (sentence-transformers CrossEncoder layout).")
 
@@ -113,7 +114,8 @@ class CorpusConfig(Section):
     path: str = Field("sample", description="Corpus: a folder of .txt/.md files, a .jsonl or .parquet file with "
                       "id/title/text columns, a BEIR folder, a saved HF dataset, or 'sample' (stdlib docs); "
                       "any of these may be in a bucket (s3://bucket/docs).")
-    format: Literal["auto", "folder", "jsonl", "parquet", "beir", "hf", "sample"] = "auto"
+    format: Literal["auto", "folder", "jsonl", "parquet", "beir", "hf", "sample"] = Field(
+        "auto", description="How to read corpus.path (auto: from what it is).")
     chunk_tokens: int = Field(200, ge=16, le=8192, description="Chunk length in embedder tokens.")
     chunk_overlap: int = Field(32, ge=0, description="Tokens shared by neighbouring chunks.")
     prechunked: bool = Field(False, description="Rows are already chunks: keep their ids, do not re-chunk.")
@@ -153,8 +155,8 @@ class SDGConfig(Section):
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding.")
     chunks_per_call: int = Field(8, ge=1, description="Chunks per generate() call.")
     shard_size: int = Field(32, ge=1, description="Chunks per output shard (the unit of resume).")
-    min_query_chars: int = Field(8, ge=1)
-    max_query_chars: int = Field(300, ge=8)
+    min_query_chars: int = Field(8, ge=1, description="Shorter replies are dropped (counted as too_short).")
+    max_query_chars: int = Field(300, ge=8, description="Longer replies are dropped (counted as too_long).")
     placement: SDGPlacement = SDGPlacement()
     server: LLMServer = LLMServer()
 
@@ -223,14 +225,15 @@ class PrepConfig(Section):
 
 class TrainConfig(Section):
     base_model: str = Field("minilm", description="'minilm' (packaged all-MiniLM-L6-v2) or a model folder.")
-    epochs: int = Field(3, ge=1, le=100)
+    epochs: int = Field(3, ge=1, le=100, description="Passes over the training rows.")
     max_steps: int = Field(0, ge=0, description="Stop after this many steps in all, with a checkpoint there (0: "
                            "every epoch to the end); the warmup and cosine schedule span the steps actually run.")
     queries_per_worker: int = Field(16, ge=2, description="Queries per step on each worker; every worker's "
                                     "passages are gathered, so a query is scored against queries_per_worker x "
                                     "num_workers positives.")
-    lr: float = Field(2e-5, gt=0.0, lt=1.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    lr: float = Field(2e-5, gt=0.0, lt=1.0, description="Peak learning rate (AdamW).")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the steps the learning rate warms up "
+                                "over from zero, then follows a cosine down.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm (0: off); the Hugging Face / "
                                  "sentence-transformers trainer's default too.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (that trainer's default: 0).")
@@ -238,11 +241,12 @@ class TrainConfig(Section):
                                     "sdg.temperature is the LLM's sampling).")
     symmetric: bool = Field(False, description="Add the passage-to-query direction to the loss.")
     negatives_per_query: int = Field(3, ge=0, description="Hard negatives used per query in a step.")
-    max_query_tokens: int = Field(64, ge=8)
-    max_passage_tokens: int = Field(256, ge=16)
+    max_query_tokens: int = Field(64, ge=8, description="Queries are cut to this many tokens in training.")
+    max_passage_tokens: int = Field(256, ge=16, description="Passages are cut to this many tokens in training "
+                                    "and evaluation (at least corpus.chunk_tokens).")
     # Part of the identity, unlike placement: more workers make a bigger contrastive batch, a GPU trains in bf16.
     num_workers: int = Field(1, ge=1, description="Ray Train workers (processes).")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="Train on GPUs (one per worker).")
     engine: Literal["deepspeed", "ddp"] = Field("deepspeed", description="DeepSpeed ZeRO, or plain AdamW with "
                                                  "an all-reduce of gradients (the fallback).")
     zero_stage: Literal[1, 2] = Field(2, description="DeepSpeed ZeRO stage.")
@@ -301,7 +305,7 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
-    opset: int = Field(17, ge=14)
+    opset: int = Field(17, ge=14, description="ONNX opset of the exported graph.")
     parity_texts: int = Field(200, ge=1, description="Real texts compared between torch and ONNX.")
     min_cosine: float = Field(0.9999, gt=0.0, le=1.0, description="Parity gate: cosine(ONNX, torch) per text.")
     int8: bool = Field(True, description="Also write a dynamic int8 variant (export/onnx-int8).")
@@ -313,8 +317,8 @@ class ExportConfig(Section):
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address the endpoint listens on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the endpoint.")
     requests_per_batch: int = Field(32, ge=1, description="Requests embedded together in one model call at most.")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, description="How long a request waits for others to join "
                                         "its batch (a request alone in the replica does not wait).")
@@ -350,8 +354,9 @@ class RayConfig(Section):
 
 
 class RetrofitConfig(Section):
-    profile: Literal["cpu-small", "gpu-h200"] = "cpu-small"
-    seed: int = 13
+    profile: Literal["cpu-small", "gpu-h200"] = Field("cpu-small", description="Defaults for a machine: a 2-core "
+                                                      "CPU, or one H200 (vLLM, larger batches, GPU training).")
+    seed: int = Field(13, description="One seed for every stage: splits, sampling, training order.")
     corpus: CorpusConfig = CorpusConfig()
     sdg: SDGConfig = SDGConfig()
     prep: PrepConfig = PrepConfig()
