@@ -56,11 +56,11 @@ def test_a_slow_shard_that_reports_progress_outlives_ray_datas_no_progress_timeo
 def test_a_shard_that_stops_reporting_fails_the_stage_by_name_and_finished_shards_stay(ray_local, tmp_path):
     finished = []
     t0 = time.monotonic()
-    with pytest.raises(RetrofitError, match=r"\[stuck\] shard 1 is stuck: no progress for [34]s .*finished shard is kept"):
+    with pytest.raises(RetrofitError, match=r"\[stuck\] shard 1 is stuck: no progress for \d+s .*finished shard is kept"):
         for result in map_shards(TimedWorker, _tasks(3), ctor_kwargs={"out": str(tmp_path), "seconds": 1,
-                                                                      "hang": 1, "hang_s": 20},
+                                                                      "hang": 1, "hang_s": 30},
                                  num_actors=2, label="stuck", stall_timeout_s=3):
             finished.append(result["shard_id"])
-    assert time.monotonic() - t0 < 20, "the stuck shard was waited for instead of reported"
+    assert time.monotonic() - t0 < 30, "the stuck shard was waited for instead of reported"
     assert 0 in finished and (tmp_path / "shard-0").exists() and not (tmp_path / "shard-1").exists()
-    time.sleep(20 - (time.monotonic() - t0) + 2)  # let the silent actor finish and free its CPU for later tests
+    time.sleep(max(0.0, 30 - (time.monotonic() - t0)) + 2)  # let the silent actor finish and free its CPU for later tests
