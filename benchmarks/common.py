@@ -44,3 +44,21 @@ def write_result(name: str, payload: dict) -> Path:
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **payload}
     path.write_text(relative_paths(json.dumps(payload, indent=2, default=str)))
     return path
+
+
+def wait_until_serving(proc, base_url: str, what: str, log_path, timeout_s: float, poll_s: float = 3.0) -> None:
+    """Block until an OpenAI-compatible server started as `proc` answers GET base_url/models; a server that exits
+    or stays silent past timeout_s is an error naming its log."""
+    import contextlib
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}; its log: {log_path}")
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(base_url + "/models", timeout=5)
+            return
+        if time.time() > deadline:
+            raise SystemExit(f"{what} did not answer in {timeout_s:.0f} s; its log: {log_path}")
+        time.sleep(poll_s)

@@ -28,13 +28,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import wait_until_serving, write_result  # noqa: E402
 from pipeline import runner  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.report import format_table, write_report  # noqa: E402
@@ -87,16 +86,7 @@ def vllm_server(llm: str, log_path: Path, kv_cache_gib: int):
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"vllm serve exited with {proc.returncode}; its log: {log_path}")
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(base_url + "/models", timeout=5)
-                break
-            if time.time() > deadline:
-                raise SystemExit(f"vllm serve did not answer in 10 minutes; its log: {log_path}")
-            time.sleep(3)
+        wait_until_serving(proc, base_url, "vllm serve", log_path, timeout_s=600)
         print(f"vllm serve of {llm} ready at {base_url} (log: {log_path})", flush=True)
         yield base_url
     finally:

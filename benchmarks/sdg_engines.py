@@ -154,18 +154,9 @@ def llamacpp_server(llm: str, log: Path):
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        import urllib.request
+        from benchmarks.common import wait_until_serving
 
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"llama_cpp.server exited; its log: {log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(base + "/models", timeout=5)
-                break
-            if time.time() > deadline:
-                raise SystemExit("llama_cpp.server did not answer in 5 minutes")
-            time.sleep(1)
+        wait_until_serving(proc, base, "llama_cpp.server", log, timeout_s=300, poll_s=1)
         yield base
     finally:
         proc.terminate()
