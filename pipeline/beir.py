@@ -116,3 +116,67 @@ def compute_metrics(qrels: dict, run: dict) -> tuple[dict[str, float], dict[str,
         table[q]["mrr@10"] = mrr.get(q, {}).get("recip_rank", 0.0)
     mean = {m: round(float(np.mean([table[q][m] for q in table])), 5) for m in METRICS}
     return mean, table
+
+
+# Human dev queries (merge.dev_queries): they choose the merge weight and gate the reranker.
+@dataclass
+class DevQueries:
+    source: str
+    queries: dict[str, str]               # qid -> text
+    qrels: dict[str, dict[str, int]]      # qid -> relevant doc id -> grade
+    dropped: int = 0                      # queries none of whose documents is in the corpus
+
+
+def load_dev_queries(spec: str) -> DevQueries:
+    """`FOLDER` (a BEIR folder: queries.jsonl and qrels/dev.tsv), `FOLDER:SPLIT` (qrels/SPLIT.tsv), or a
+    JSONL file with one {"query": ..., "relevant": [doc ids] or {doc id: grade}} per line."""
+    path, split = Path(spec), "dev"
+    if not path.exists() and ":" in spec:
+        head, _, split = spec.rpartition(":")
+        path = Path(head)
+    if path.is_dir():
+        return _beir_split(path, split, spec)
+    if not path.is_file():
+        raise RetrofitError(f"merge.dev_queries: {spec} is neither a BEIR folder (optionally FOLDER:SPLIT) nor a "
+                            "JSONL file")
+    queries, qrels = {}, {}
+    bad_json = lambda n, msg: RetrofitError(f"merge.dev_queries: {path} line {n} is not JSON: {msg}")  # noqa: E731
+    for lineno, row in json_lines(path, bad_json):
+        relevant = row.get("relevant") if isinstance(row, dict) else None
+        if isinstance(relevant, list):
+            relevant = {str(d): 1 for d in relevant}
+        if not (isinstance(row, dict) and isinstance(row.get("query"), str) and row["query"].strip()
+                and isinstance(relevant, dict) and relevant):
+            raise RetrofitError(f"merge.dev_queries: {path} line {lineno} needs a non-empty \"query\" string and "
+                                "\"relevant\": a list of document ids (or {id: grade})")
+        qid = str(row.get("_id", lineno))
+        queries[qid], qrels[qid] = row["query"], {str(d): int(g) for d, g in relevant.items()}
+    if not queries:
+        raise RetrofitError(f"merge.dev_queries: {path} holds no query")
+    return DevQueries(spec, queries, qrels)
+
+
+def _beir_split(folder: Path, split: str, spec: str) -> DevQueries:
+    if split == "test":  # the test queries only ever give the final score
+        raise RetrofitError(f"merge.dev_queries: {spec} names the test split; choosing the merge weight on the "
+                            "queries that give the final score would flatter it. Use the train or dev split")
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.exists():
+        have = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+        raise RetrofitError(f"merge.dev_queries: {qrels_path} is missing (splits here: {', '.join(have) or 'none'}); "
+                            "name one as FOLDER:SPLIT")
+    texts = {str(q["_id"]): q["text"] for q in read_jsonl(folder / "queries.jsonl", ("_id", "text"))}
+    qrels = {q: d for q, d in load_qrels(qrels_path).items() if q in texts}
+    if not qrels:
+        raise RetrofitError(f"merge.dev_queries: no query of {qrels_path} is in {folder / 'queries.jsonl'}")
+    return DevQueries(spec, {q: texts[q] for q in qrels}, qrels)
+
+
+def in_corpus(dev: DevQueries, doc_ids: set[str]) -> DevQueries:
+    """Only the queries with a relevant document in the run's corpus (a subset run keeps fewer)."""
+    qrels = {q: {d: g for d, g in docs.items() if d in doc_ids} for q, docs in dev.qrels.items()}
+    qrels = {q: docs for q, docs in qrels.items() if docs}
+    if not qrels:
+        raise RetrofitError(f"merge.dev_queries: none of the {len(dev.qrels)} queries of {dev.source} has a relevant "
+                            "document in this run's corpus (are they about other documents, or other ids?)")
+    return DevQueries(dev.source, {q: dev.queries[q] for q in qrels}, qrels, len(dev.qrels) - len(qrels))

@@ -33,7 +33,8 @@ def _common(p: argparse.ArgumentParser, out_help: str = "Run directory (created 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrofit", description=(
-        "Adapt an embedding model to your documents: corpus -> sdg -> prep -> train -> merge -> eval -> export -> serve."))
+        "Adapt an embedding model to your documents: corpus -> sdg -> prep -> train -> merge -> rerank -> eval -> "
+        "export -> serve."))
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     parser.add_argument("--debug", action="store_true", help="Show the full traceback of every error, "
                         "bad input included (normally printed as one line).")
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("train", "Contrastive fine-tuning on Ray Train (train/model)."),
                        ("merge", "The shipped model: fine-tuned and base weights averaged, the weight chosen on "
                                  "dev queries when given (merge/model)."),
+                       ("rerank", "Train a cross-encoder reranker on the train split and gate it against the shipped "
+                                  "embedder alone (rerank/model when it passes; needs rerank.enabled)."),
                        ("export", "Export the fine-tuned model to ONNX with a parity check (export/onnx).")]:
         p = sub.add_parser(name, help=text, description=text)
         _common(p)
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A served endpoint to evaluate too (e.g. http://127.0.0.1:8000; repeatable).")
     p.add_argument("--report", metavar="DIR", help="With --beir: also write report.md, metrics.png and "
                    "per_query.parquet (one subfolder per dataset).")
+    p.add_argument("--reranker", metavar="PATH", help="With --beir: a reranker folder (e.g. RUN/rerank/model) that "
+                   "reorders the last --model's top rerank.top_k hits: one more row, compared with that model too.")
 
     p = sub.add_parser("serve", help="Serve the exported model at /v1/embeddings (Ray Serve).",
                        description="Serve RUN_DIR/export/onnx over HTTP until Ctrl-C (host and port from "
@@ -105,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("job", help="Status, logs or stop of a submitted run.",
                        description="Inspect or stop a run submitted with `retrofit submit`.")
-    p.add_argument("action", choices=["status", "logs", "stop"])
-    p.add_argument("job_id")
-    p.add_argument("--address", default=os.environ.get("RAY_JOBS_ADDRESS", "http://127.0.0.1:8265"))
+    p.add_argument("action", choices=["status", "logs", "stop"], help="What to do with the job.")
+    p.add_argument("job_id", help="The id `retrofit submit` printed.")
+    p.add_argument("--address", default=os.environ.get("RAY_JOBS_ADDRESS", "http://127.0.0.1:8265"),
+                   help="Ray Jobs API of the cluster's head (default: $RAY_JOBS_ADDRESS or http://127.0.0.1:8265).")
 
     p = sub.add_parser("query", help="Embed a text through a running endpoint.",
                        description="Embed a text through a running endpoint and print the vector.")
@@ -148,17 +154,20 @@ def _check_eval_flags(args) -> None:
     """Flags that would otherwise be ignored without a word."""
     if not args.beir:
         given = [flag for flag, value in (("--model", args.model), ("--endpoint", args.endpoint),
-                                          ("--report", args.report)) if value]
+                                          ("--report", args.report), ("--reranker", args.reranker)) if value]
         if given:
             raise RetrofitError(f"{given[0]} needs --beir DIR (without --beir, eval scores the run's own "
                                 "base and fine-tuned models on its test split)")
     elif args.out and Path(args.out).is_dir():
         raise RetrofitError(f"--out {args.out}: with --beir, --out is the JSON file to write, and this is a folder")
+    if args.reranker and not Path(args.reranker, "config.json").exists():
+        raise RetrofitError(f"--reranker {args.reranker}: not a reranker folder (no config.json); give a run's "
+                            "rerank/model or a cross-encoder folder")
 
 
 def _eval_beir(args, cfg) -> None:
     from pipeline.report import format_table, print_wins_and_losses, write_report
-    from pipeline.retrieval import evaluate_models
+    from pipeline.retrieval import evaluate_models, reranked_label
     from pipeline.models import resolve_embedder
     from pipeline.storage import cache_dir
     from pipeline.ray_runtime import configure
@@ -170,15 +179,19 @@ def _eval_beir(args, cfg) -> None:
     results = {}
     for beir in args.beir:
         name = Path(beir).resolve().name
-        result = evaluate_models(beir, models, cfg.eval.top_k, cache_dir() / "eval", cfg.eval.texts_per_batch)
+        result = evaluate_models(beir, models, cfg.eval.top_k, cache_dir() / "eval", cfg.eval.texts_per_batch,
+                                 reranker=args.reranker, rerank_top_k=cfg.rerank.top_k)
         print(f"\n{name} ({len(result.data.qrels)} queries, {len(result.data.corpus)} documents)")
         print(format_table(result.means))
         results[name] = result.means
         if args.report:
             out = Path(args.report) / name
             out.mkdir(parents=True, exist_ok=True)
-            write_report(result, out, f"Retrieval on {name}", base=baseline)
-            for other in list(models)[1:]:
+            last = list(models)[-1]
+            also = ((last, reranked_label(last)),) if args.reranker and last != baseline else ()
+            summary = write_report(result, out, f"Retrieval on {name}", base=baseline, also=also)
+            print(*summary["verdicts"], sep="\n")
+            for other in [m for m in result.means if m != baseline and m not in result.references]:
                 print_wins_and_losses(result, baseline, other)
             print(f"report: {out / 'report.md'}")
     if args.out:
@@ -267,10 +280,14 @@ def main(argv: list[str] | None = None) -> int:
 
         run = RunDir(args.out)
         if args.command == "run":
-            runner.run_all(cfg, run, force=runner.parse_force(args.force))
-            print(f"\nBase vs fine-tuned on the synthetic test split ({run.location}/eval/metrics.json):")
-            print((run.root / "eval" / "report.md").read_text().split("```")[1].strip())
-            print(*json.loads((run.root / "eval" / "metrics.json").read_text())["verdicts"], sep="\n")
+            done = runner.run_all(cfg, run, force=runner.parse_force(args.force))
+            verdicts = json.loads((run.root / "eval" / "metrics.json").read_text())["verdicts"]
+            if done["eval"] == "skipped":  # the eval stage printed its table when it ran; not twice
+                print(f"\nBase vs fine-tuned on the synthetic test split ({run.location}/eval/report.md):")
+                print((run.root / "eval" / "report.md").read_text().split("```")[1].strip())
+            else:
+                print(f"\nreport: {run.location}/eval/report.md")
+            print(*verdicts, sep="\n")
             if not args.no_serve:
                 runner.smoke_serve(cfg, run, args.query, keep_serving=args.keep_serving)
         elif args.command == "serve":

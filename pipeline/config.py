@@ -223,8 +223,8 @@ class PrepConfig(Section):
         return self
 
 
-class TrainConfig(Section):
-    base_model: str = Field("minilm", description="'minilm' (packaged all-MiniLM-L6-v2) or a model folder.")
+class TrainingLoopConfig(Section):
+    """What every trained model's loop shares (the embedder's `train`, the reranker's `rerank`)."""
     epochs: int = Field(3, ge=1, le=100, description="Passes over the training rows.")
     max_steps: int = Field(0, ge=0, description="Stop after this many steps in all, with a checkpoint there (0: "
                            "every epoch to the end); the warmup and cosine schedule span the steps actually run.")
@@ -237,13 +237,7 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm (0: off); the Hugging Face / "
                                  "sentence-transformers trainer's default too.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (that trainer's default: 0).")
-    loss_temperature: float = Field(0.05, gt=0.0, le=1.0, description="InfoNCE temperature (the loss's; "
-                                    "sdg.temperature is the LLM's sampling).")
-    symmetric: bool = Field(False, description="Add the passage-to-query direction to the loss.")
     negatives_per_query: int = Field(3, ge=0, description="Hard negatives used per query in a step.")
-    max_query_tokens: int = Field(64, ge=8, description="Queries are cut to this many tokens in training.")
-    max_passage_tokens: int = Field(256, ge=16, description="Passages are cut to this many tokens in training "
-                                    "and evaluation (at least corpus.chunk_tokens).")
     # Part of the identity, unlike placement: more workers make a bigger contrastive batch, a GPU trains in bf16.
     num_workers: int = Field(1, ge=1, description="Ray Train workers (processes).")
     use_gpu: bool = Field(False, description="Train on GPUs (one per worker).")
@@ -254,10 +248,6 @@ class TrainConfig(Section):
         "auto", description="'auto': bf16 where the hardware multiplies it natively (GPUs that support it; CPUs "
         "with AVX512-BF16 or AMX), else fp32. bf16 keeps fp32 weights and optimiser on CPUs (autocast, as "
         "sentence-transformers' trainer with bf16=True); on GPUs it is DeepSpeed's bf16 mode.")
-    grad_cache_chunk: int = Field(0, ge=0, description="GradCache: embed in chunks of this many texts so big "
-                                  "batches fit in memory (0: off; needs engine 'ddp').")
-    query_prefix: str = Field("", description="Prepended to queries (e.g. 'query: '); saved as the model's prompt.")
-    passage_prefix: str = Field("", description="Prepended to passages (e.g. 'passage: ').")
     checkpoint_every_steps: int = Field(0, ge=0, description="Also checkpoint (and validate) every N steps.")
     val_max_queries: int = Field(300, ge=1, description="Val queries scored at each checkpoint.")
     keep: Literal["best", "last"] = Field("best", description="Keep the checkpoint with the best val NDCG@10, "
@@ -268,18 +258,68 @@ class TrainConfig(Section):
     placement: WorkerPlacement = WorkerPlacement()
 
     @model_validator(mode="after")
-    def _grad_cache_engine(self):
-        if self.grad_cache_chunk and self.engine != "ddp":
-            raise ValueError("grad_cache_chunk needs engine 'ddp' (DeepSpeed owns the backward pass)")
-        return self
-
-    @model_validator(mode="after")
     def _val_when_something_uses_it(self):
         if not self.val_at_checkpoints and (self.keep == "best" or self.early_stopping_patience):
             raise ValueError("val_at_checkpoints false leaves nothing to choose the best checkpoint or stop early: "
                              "set keep 'last' and early_stopping_patience 0 too, or keep val on")
         return self
 
+
+class TrainConfig(TrainingLoopConfig):
+    base_model: str = Field("minilm", description="'minilm' (packaged all-MiniLM-L6-v2) or a model folder.")
+    loss_temperature: float = Field(0.05, gt=0.0, le=1.0, description="InfoNCE temperature (the loss's; "
+                                    "sdg.temperature is the LLM's sampling).")
+    symmetric: bool = Field(False, description="Add the passage-to-query direction to the loss.")
+    max_query_tokens: int = Field(64, ge=8, description="Queries are cut to this many tokens in training.")
+    max_passage_tokens: int = Field(256, ge=16, description="Passages are cut to this many tokens in training "
+                                    "and evaluation (at least corpus.chunk_tokens).")
+    grad_cache_chunk: int = Field(0, ge=0, description="GradCache: embed in chunks of this many texts so big "
+                                  "batches fit in memory (0: off; needs engine 'ddp').")
+    query_prefix: str = Field("", description="Prepended to queries (e.g. 'query: '); saved as the model's prompt.")
+    passage_prefix: str = Field("", description="Prepended to passages (e.g. 'passage: ').")
+
+    @model_validator(mode="after")
+    def _grad_cache_engine(self):
+        if self.grad_cache_chunk and self.engine != "ddp":
+            raise ValueError("grad_cache_chunk needs engine 'ddp' (DeepSpeed owns the backward pass)")
+        return self
+
+
+class RerankConfig(TrainingLoopConfig):
+    """The cross-encoder that reorders the shipped embedder's top hits: trained on the same train split (val
+    and test never seen; by default val only gates it), shipped only if it beats the embedder alone."""
+    enabled: bool = Field(False, description="Train a reranker in the rerank stage (off: the stage records that "
+                          "and the run ships the embedder alone).")
+    model: str | None = Field(None, description="Start weights: a cross-encoder folder (a sentence-transformers "
+                              "CrossEncoder or Hugging Face sequence-classification model, e.g. an MS MARCO "
+                              "MiniLM). Unset: train.base_model's transformer with a new scoring head.")
+    max_pair_tokens: int = Field(320, ge=32, le=8192, description="Query and passage together are cut to this "
+                                 "many tokens (the passage is cut, never the query).")
+    top_k: int = Field(100, ge=1, description="The shipped embedder's top hits the reranker reorders (in the gate "
+                       "and in eval; at most eval.top_k).")
+    in_batch_negatives: int = Field(1, ge=0, description="Other queries' positives scored as negatives of each "
+                                    "query in a step, beside its hard negatives.")
+    loss_scale: float = Field(10.0, gt=0.0, description="Listwise softmax over sigmoid(score) x loss_scale (the "
+                              "scale sentence-transformers' cross-encoder MultipleNegativesRankingLoss uses).")
+    gate: Literal["significant", "better", "always"] = Field(
+        "significant", description="Ship the reranker only if reranking beats the shipped embedder alone on the "
+        "dev queries (merge.dev_queries) or else the val split: by a significant NDCG@10 gain (paired test, p < "
+        "0.05), by any gain, or always.")
+    # The loop's defaults for a reranker: one pass, and val kept for the gate (a checkpoint chosen on val
+    # and then gated on it would flatter the gate).
+    epochs: int = Field(1, ge=1, le=100, description="Passes over the training rows.")
+    keep: Literal["best", "last"] = Field("last", description="Keep the checkpoint with the best val NDCG@10, "
+                                          "or the last one.")
+    val_at_checkpoints: bool = Field(False, description="Score val NDCG@10 at each checkpoint (keep 'best' and "
+                                     "early stopping need it). Off by default: val then only gates the reranker.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_folder(cls, spec):
+        if spec is not None and not Path(spec).is_dir():
+            raise ValueError(f"model {spec!r} must be unset (train.base_model with a new head) or an existing "
+                             "cross-encoder folder")
+        return spec
 
 
 class MergeConfig(Section):
@@ -362,6 +402,7 @@ class RetrofitConfig(Section):
     prep: PrepConfig = PrepConfig()
     train: TrainConfig = TrainConfig()
     merge: MergeConfig = MergeConfig()
+    rerank: RerankConfig = RerankConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()

@@ -10,70 +10,15 @@ run's own chunks (a document ranks by its best chunk) and are never the test que
 
 from __future__ import annotations
 
+import os
 import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.beir import compute_metrics, json_lines, load_qrels, read_jsonl
+from pipeline.beir import DevQueries, compute_metrics, in_corpus, load_dev_queries
 from pipeline.embedders import load_model
-from pipeline.encode import encode_parquet
 from pipeline.errors import RetrofitError
-from pipeline.index import build_index, search
 from pipeline.models import resolve_embedder
-
-
-@dataclass
-class DevQueries:
-    source: str
-    queries: dict[str, str]               # qid -> text
-    qrels: dict[str, dict[str, int]]      # qid -> relevant doc id -> grade
-    dropped: int = 0                      # queries none of whose documents is in the corpus
-
-
-def load_dev_queries(spec: str) -> DevQueries:
-    """`FOLDER` (a BEIR folder: queries.jsonl and qrels/dev.tsv), `FOLDER:SPLIT` (qrels/SPLIT.tsv), or a
-    JSONL file with one {"query": ..., "relevant": [doc ids] or {doc id: grade}} per line."""
-    path, split = Path(spec), "dev"
-    if not path.exists() and ":" in spec:
-        head, _, split = spec.rpartition(":")
-        path = Path(head)
-    if path.is_dir():
-        return _beir_split(path, split, spec)
-    if not path.is_file():
-        raise RetrofitError(f"merge.dev_queries: {spec} is neither a BEIR folder (optionally FOLDER:SPLIT) nor a "
-                            "JSONL file")
-    queries, qrels = {}, {}
-    bad_json = lambda n, msg: RetrofitError(f"merge.dev_queries: {path} line {n} is not JSON: {msg}")  # noqa: E731
-    for lineno, row in json_lines(path, bad_json):
-        relevant = row.get("relevant") if isinstance(row, dict) else None
-        if isinstance(relevant, list):
-            relevant = {str(d): 1 for d in relevant}
-        if not (isinstance(row, dict) and isinstance(row.get("query"), str) and row["query"].strip()
-                and isinstance(relevant, dict) and relevant):
-            raise RetrofitError(f"merge.dev_queries: {path} line {lineno} needs a non-empty \"query\" string and "
-                                "\"relevant\": a list of document ids (or {id: grade})")
-        qid = str(row.get("_id", lineno))
-        queries[qid], qrels[qid] = row["query"], {str(d): int(g) for d, g in relevant.items()}
-    if not queries:
-        raise RetrofitError(f"merge.dev_queries: {path} holds no query")
-    return DevQueries(spec, queries, qrels)
-
-
-def _beir_split(folder: Path, split: str, spec: str) -> DevQueries:
-    if split == "test":  # the test queries only ever give the final score
-        raise RetrofitError(f"merge.dev_queries: {spec} names the test split; choosing the merge weight on the "
-                            "queries that give the final score would flatter it. Use the train or dev split")
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    if not qrels_path.exists():
-        have = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
-        raise RetrofitError(f"merge.dev_queries: {qrels_path} is missing (splits here: {', '.join(have) or 'none'}); "
-                            "name one as FOLDER:SPLIT")
-    texts = {str(q["_id"]): q["text"] for q in read_jsonl(folder / "queries.jsonl", ("_id", "text"))}
-    qrels = {q: d for q, d in load_qrels(qrels_path).items() if q in texts}
-    if not qrels:
-        raise RetrofitError(f"merge.dev_queries: no query of {qrels_path} is in {folder / 'queries.jsonl'}")
-    return DevQueries(spec, {q: texts[q] for q in qrels}, qrels)
+from pipeline.retrieval import chunk_run
 
 
 class Merger:
@@ -90,9 +35,13 @@ class Merger:
                                 "(was the fine-tuned model trained from another base?)")
 
     def save(self, a: float, out_dir: Path) -> None:
+        import torch
+
         self.model.load_state_dict({k: a * v + (1 - a) * self.base[k] if v.is_floating_point() else v
                                     for k, v in self.tuned.items()})
         shutil.rmtree(out_dir, ignore_errors=True)
+        if not torch.cuda.is_available():  # transformers' save imports DeepSpeed, which warns it found no GPU
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.model.save(str(out_dir), safe_serialization=True)
 
 
@@ -105,41 +54,8 @@ def dev_metrics(model_path: str, chunks_path: Path, doc_of_chunk: list[str], dev
                 cache: Path, batch_size: int) -> dict[str, float]:
     """BEIR metrics of one model on the dev queries over the run's chunks (a document scores its best chunk;
     `doc_of_chunk` holds each chunk's document id, in row order)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    qids = sorted(dev.qrels)
-    cache.mkdir(parents=True, exist_ok=True)
-    # A folder of this call's own (the cache may be shared); the embeddings are cached by content.
-    tables = Path(tempfile.mkdtemp(prefix="dev-", dir=cache))
-    try:
-        query_path = tables / "queries.parquet"
-        pq.write_table(pa.table({"query": [dev.queries[q] for q in qids]}), query_path)
-        chunk_emb = encode_parquet(model_path, chunks_path, "passage", cache, batch_size=batch_size)
-        query_emb = encode_parquet(model_path, query_path, "query", cache, batch_size=batch_size)
-    finally:
-        shutil.rmtree(tables, ignore_errors=True)
-    index, _ = build_index(chunk_emb, "flat")
-    scores, idx = search(index, query_emb, 4 * top_k)  # several chunks may belong to one document
-    run = {}
-    for qi, q in enumerate(qids):
-        best: dict[str, float] = {}
-        for j, s in zip(idx[qi], scores[qi]):
-            if j >= 0:
-                doc = doc_of_chunk[j]
-                best[doc] = max(best.get(doc, -1.0), float(s))
-        run[q] = dict(sorted(best.items(), key=lambda kv: -kv[1])[:top_k])
+    run, _ = chunk_run(model_path, chunks_path, dev.queries, doc_of_chunk, top_k, cache, batch_size)
     return compute_metrics(dev.qrels, run)[0]
-
-
-def in_corpus(dev: DevQueries, doc_ids: set[str]) -> DevQueries:
-    """Only the queries with a relevant document in the run's corpus (a subset run keeps fewer)."""
-    qrels = {q: {d: g for d, g in docs.items() if d in doc_ids} for q, docs in dev.qrels.items()}
-    qrels = {q: docs for q, docs in qrels.items() if docs}
-    if not qrels:
-        raise RetrofitError(f"merge.dev_queries: none of the {len(dev.qrels)} queries of {dev.source} has a relevant "
-                            "document in this run's corpus (are they about other documents, or other ids?)")
-    return DevQueries(dev.source, {q: dev.queries[q] for q in qrels}, qrels, len(dev.qrels) - len(qrels))
 
 
 def choose_weight(curve: dict[float, dict[str, float]]) -> float:

@@ -134,17 +134,19 @@ def plot_metrics(means: dict[str, dict[str, float]], metrics, path: Path, title:
 
 
 def format_table(means: dict[str, dict], metrics=HEADLINE) -> str:
+    """One column per model, each as wide as its label; with two models or more a last column holds the
+    second minus the first (fine-tuned - base), and its header says so."""
     labels = list(means)
-    head = f"{'metric':<12}" + "".join(f"{lab[:22]:>24}" for lab in labels)
-    has_delta = len(labels) >= 2  # the second row (fine-tuned) minus the first (base)
-    if has_delta:
-        head += f"{'delta':>10}"
+    columns = labels + ([f"{labels[1]} - {labels[0]}"] if len(labels) >= 2 else [])
+    widths = [max(len(c), 8) + 2 for c in columns]
+    head = f"{'metric':<12}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))
     lines = [head, "-" * len(head)]
     for m in metrics:
-        line = f"{m:<12}" + "".join(f"{means[lab][m]:>24.4f}" for lab in labels)
-        if has_delta:
-            line += f"{means[labels[1]][m] - means[labels[0]][m]:>+10.4f}"
-        lines.append(line)
+        values = [means[lab][m] for lab in labels]
+        cells = [f"{v:>{w}.4f}" for v, w in zip(values, widths)]
+        if len(labels) >= 2:
+            cells.append(f"{values[1] - values[0]:>+{widths[-1]}.4f}")
+        lines.append(f"{m:<12}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -164,9 +166,10 @@ def wins_and_losses(result, base: str, other: str, metric: str = "ndcg@10", n: i
     return wins, losses
 
 
-def write_report(result, out_dir: Path, title: str, base: str = "base") -> dict:
+def write_report(result, out_dir: Path, title: str, base: str = "base", also: tuple = ()) -> dict:
     """metrics.json, report.md, metrics.png and per_query.parquet for base vs every other model
-    (`result`: a `retrieval.EvalResult`)."""
+    (`result`: a `retrieval.EvalResult`), and for each (first, second) pair in `also` (a reranked row against
+    the embedder it reranked): its comparison goes to metrics.json's "comparisons" and a verdict of its own."""
     comparison = compare(result.per_query, METRICS, base=base)
     breakdown = by_query_type(result.per_query, result.data.query_types, HEADLINE)
     others = [m for m in result.means if m != base]
@@ -176,6 +179,12 @@ def write_report(result, out_dir: Path, title: str, base: str = "base") -> dict:
     if len(models) == 1:
         summary["delta"] = {m: comparison[models[0]][m]["delta"] for m in METRICS}
     summary["verdicts"] = [verdict(comparison, m, base, len(result.data.qrels)) for m in models]
+    pairs = [(base, other, comparison) for other in others]
+    for first, second in also:
+        pair = compare({first: result.per_query[first], second: result.per_query[second]}, METRICS, base=first)
+        summary.setdefault("comparisons", {})[f"{second} vs {first}"] = pair[second]
+        summary["verdicts"].append(verdict(pair, second, first, len(result.data.qrels)))
+        pairs.append((first, second, pair))
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(result.means, HEADLINE, out_dir / "metrics.png", title)
 
@@ -190,17 +199,17 @@ def write_report(result, out_dir: Path, title: str, base: str = "base") -> dict:
         lines += [f"Reference rows, no model of ours: {', '.join(result.references)}. When BM25 or the fusion beats "
                   "the dense models, lexical matching carries this task. On synthetic queries BM25 is flattered "
                   "(generated queries copy their chunk's words); on people's queries it is not.", ""]
-    for other in others:
-        lines += [f"## {other} vs {base}: paired randomisation test over queries", "",
+    for first, other, table in pairs:
+        lines += [f"## {other} vs {first}: paired randomisation test over queries", "",
                   "NDCG@10 is the primary metric (p at 0.05); the others are Holm-corrected across metrics "
                   "(p Holm), and their significance is read from the corrected value.", "",
-                  "| metric | base | " + other + " | delta | relative | 95% CI | p | p Holm | significant |",
+                  f"| metric | {first} | {other} | delta | relative | 95% CI | p | p Holm | significant |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for m in METRICS:
-            c = comparison[other][m]
+            c = table[other][m]
             rel = f"{c['rel_delta']:+.1%}" if c["rel_delta"] is not None else "n/a"
             holm_p = f"{c['p_holm']:.4f}" if "p_holm" in c else "(primary)"
-            lines.append(f"| {m} | {comparison[base][m]['value']:.4f} | {c['value']:.4f} | {c['delta']:+.4f} | "
+            lines.append(f"| {m} | {table[first][m]['value']:.4f} | {c['value']:.4f} | {c['delta']:+.4f} | "
                          f"{rel} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['p_value']:.4f} | {holm_p} | "
                          f"{'yes' if c['significant'] else 'no'} |")
         lines.append("")
@@ -225,6 +234,8 @@ def write_report(result, out_dir: Path, title: str, base: str = "base") -> dict:
 def print_wins_and_losses(result, base: str, other: str) -> None:
     wins, losses = wins_and_losses(result, base, other)
     for name, rows in (("wins", wins), ("losses", losses)):
+        if not rows:  # no heading over nothing
+            continue
         print(f"\nLargest {name} of {other} over {base} (NDCG@10):")
         for r in rows:
             print(f"  {r['delta']:+.3f}  {r['query'][:70]!r} -> {r['top_hit_text'][:70]!r}")

@@ -21,7 +21,37 @@ from pathlib import Path
 from pipeline.errors import RetrofitError
 from pipeline.storage import Folder
 
-STAGES = ("corpus", "sdg", "prep", "train", "merge", "eval", "export", "serve")
+STAGES = ("corpus", "sdg", "prep", "train", "merge", "rerank", "eval", "export", "serve")
+# What a run folder holds, stage by stage: the docs' run-folder reference is written from this, and the
+# end-to-end test checks that a run writes each path (those marked "when ..." are conditional).
+LAYOUT: dict[str, str] = {
+    "config.yaml": "the resolved config of the last run",
+    "corpus/chunks.parquet": "chunk_id, doc_id, title, text, chunk_index, n_tokens",
+    "sdg/qa.parquet": "qa_id, query, chunk_id, doc_id, query_type, generator",
+    "sdg/shards/": "one Parquet file per finished shard (the unit of resume)",
+    "prep/train.parquet": "training rows: query, positive, hard negatives with their scores",
+    "prep/val.parquet": "val rows (held-out documents), scored at checkpoints",
+    "prep/test.parquet": "test rows (held-out documents)",
+    "prep/beir_test/": "the test split in BEIR format, its corpus every chunk",
+    "train/model/": "the fine-tuned sentence-transformers model (safetensors)",
+    "train/train_log.jsonl": "loss, lr, examples/s and val NDCG@10 per logged step",
+    "train/tensorboard/": "the same, for TensorBoard",
+    "merge/model/": "the shipped model (what eval scores and export exports)",
+    "rerank/manifest.json": "whether a reranker was trained, its training counts and the gate's verdict",
+    "rerank/candidate/": "when rerank.enabled and the gate refused it: the trained reranker (a cross-encoder folder)",
+    "rerank/model/": "when rerank.enabled and the gate passed it: the shipped reranker (a cross-encoder folder)",
+    "rerank/train_log.jsonl": "when rerank.enabled: the reranker's loss and lr per step",
+    "eval/metrics.json": "base and shipped model per metric, deltas, significance, verdicts, per query type",
+    "eval/report.md": "the same as a report, with the largest wins and losses",
+    "eval/metrics.png": "the headline metrics as a bar chart",
+    "eval/per_query.parquet": "every query's metrics and top hit, per model",
+    "export/onnx/": "model.onnx (portable), model.opt.onnx (ORT-optimised), tokenizer, export.json (prompts)",
+    "export/parity.json": "every exported graph against torch on real texts",
+    "export/int8.json": "when export.int8: the int8 variant's NDCG@10 against fp32, and whether it was kept",
+    "export/onnx-int8/": "when its NDCG@10 loss is within export.int8_max_ndcg_loss: the dynamic int8 variant",
+    "serve/manifest.json": "when the run served: the endpoint's answer to the smoke query",
+    "cache/": "embedding cache (keyed by model and data fingerprints), Ray Train's storage",
+}
 VERSIONED_PACKAGES = ("torch", "transformers", "sentence-transformers", "ray", "faiss-cpu", "onnxruntime", "pyarrow")
 
 
@@ -57,19 +87,20 @@ def _versions() -> dict:
 
 @dataclass
 class Manifest:
-    stage: str
+    """Each stage folder's manifest.json (the comments are the docs' run-folder reference)."""
+    stage: str  # the stage's name
     status: str = "running"  # running | completed | failed
-    config_hash: str = ""
+    config_hash: str = ""  # hash of the settings the stage reads: with the inputs, its identity
     config_schema: int | None = None  # config.CONFIG_SCHEMA of the Retrofit that wrote it (None: schema 1)
     settings: dict = field(default_factory=dict)  # 'section.field' -> value, what config_hash was made from
     inputs: dict = field(default_factory=dict)  # name -> fingerprint
     outputs: dict = field(default_factory=dict)  # relative path -> fingerprint
-    counts: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-    versions: dict = field(default_factory=dict)
-    error: str | None = None
-    started_at: float = 0.0
-    finished_at: float = 0.0
+    counts: dict = field(default_factory=dict)  # what the stage made and dropped, and why (stage-specific)
+    timings: dict = field(default_factory=dict)  # seconds: total, and the stage's own parts
+    versions: dict = field(default_factory=dict)  # python and the main libraries
+    error: str | None = None  # the failure, when status is failed
+    started_at: float = 0.0  # Unix time
+    finished_at: float = 0.0  # Unix time
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True, default=str)

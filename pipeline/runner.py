@@ -10,20 +10,23 @@ from __future__ import annotations
 import sys
 import time
 
-from pipeline import corpus, evaluate, export, merge, prep, sdg, train
+from pipeline import corpus, evaluate, export, merge, prep, rerank, sdg, train
+from pipeline.beir import load_dev_queries
 from pipeline.config import CONFIG_SCHEMA, RetrofitConfig, dump_config
 from pipeline.errors import RetrofitError
 from pipeline.llm import PROMPT_LAYOUT
 from pipeline.rundir import RunDir, StageRecorder
 
-BATCH_STAGES = ("corpus", "sdg", "prep", "train", "merge", "eval", "export")
-MODULES = {"corpus": corpus, "sdg": sdg, "prep": prep, "train": train, "merge": merge, "eval": evaluate,
-           "export": export}
+BATCH_STAGES = ("corpus", "sdg", "prep", "train", "merge", "rerank", "eval", "export")
+MODULES = {"corpus": corpus, "sdg": sdg, "prep": prep, "train": train, "merge": merge, "rerank": rerank,
+           "eval": evaluate, "export": export}
 # Which config sections each stage reads, and which stages' outputs it consumes.
 READS = {"corpus": ("corpus",), "sdg": ("sdg",), "prep": ("prep",), "train": ("train",),
-         "merge": ("merge", "eval"), "eval": ("eval",), "export": ("export", "eval")}
+         "merge": ("merge", "eval"), "rerank": ("rerank", "merge", "eval"), "eval": ("eval", "rerank"),
+         "export": ("export", "eval")}
 CONSUMES = {"corpus": (), "sdg": ("corpus",), "prep": ("corpus", "sdg"), "train": ("prep",),
-            "merge": ("corpus", "train"), "eval": ("prep", "merge"), "export": ("corpus", "sdg", "prep", "merge")}
+            "merge": ("corpus", "train"), "rerank": ("corpus", "prep", "merge"), "eval": ("prep", "merge", "rerank"),
+            "export": ("corpus", "sdg", "prep", "merge")}
 NEEDS_RAY = {"sdg", "train"}
 
 
@@ -34,8 +37,8 @@ def config_hash(name: str, cfg: RetrofitConfig) -> str:
         extra["prompts"] = sdg.load_prompts(cfg.sdg.prompts, cfg.sdg.query_types)
         extra["prompt_layout"] = PROMPT_LAYOUT
         extra["example_queries"] = sdg.load_example_queries(cfg.sdg.example_queries)  # an edited file rewrites
-    if name == "merge" and cfg.merge.dev_queries:  # edited dev queries may choose another weight
-        dev = merge.load_dev_queries(cfg.merge.dev_queries)
+    if name in ("merge", "rerank") and cfg.merge.dev_queries:  # edited dev queries may choose another weight
+        dev = load_dev_queries(cfg.merge.dev_queries)
         extra["dev_queries"] = [dev.queries, dev.qrels]
     return cfg.section_hash(*READS[name], extra=extra)
 

@@ -24,7 +24,7 @@ def main() -> None:
         return
     from deepspeed.comm.torch import build_shm_op
 
-    from pipeline.train import own_torch_extensions_dir
+    from pipeline.training import own_torch_extensions_dir
 
     own_torch_extensions_dir()  # the folder the training workers load it from
     t0 = time.perf_counter()

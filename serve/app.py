@@ -152,6 +152,7 @@ class EmbeddingService:
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request):
+        """Embed `input` (a string or a list), OpenAI's request and reply shape; NIM's `input_type` and `truncate`."""
         started = time.perf_counter()
         response = await self._embeddings(request)
         self.requests.inc(tags={"status": str(response.status_code)})
@@ -182,6 +183,7 @@ class EmbeddingService:
 
     @api.get("/v1/models")
     async def models(self, request: Request):
+        """The one model served, with its embedding dimension."""
         denied = self._unauthorized(request)
         if denied:
             return denied
@@ -190,6 +192,7 @@ class EmbeddingService:
 
     @api.get("/health")
     async def health(self):
+        """Liveness, without authentication: for load balancers and proxies."""
         return {"status": "ok"}
 
 

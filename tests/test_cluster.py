@@ -109,7 +109,7 @@ def test_submitted_run_in_a_bucket_succeeds_with_sdg_actors_on_both_nodes(two_no
     def in_bucket(key: str) -> bytes:
         return s3_server["client"].get_object(Bucket="retrofit-test", Key=f"cluster-run/{key}")["Body"].read()
 
-    for stage in ("corpus", "sdg", "prep", "train", "merge", "eval", "export"):
+    for stage in ("corpus", "sdg", "prep", "train", "merge", "rerank", "eval", "export"):
         assert json.loads(in_bucket(f"{stage}/manifest.json"))["status"] == "completed", stage
     sdg = json.loads(in_bucket("sdg/manifest.json"))["counts"]
     assert len(sdg["ray_nodes"]) == 2, sdg  # one SDG actor per node, each wrote shards

@@ -70,7 +70,7 @@ def test_placement_is_left_out_of_every_stage_identity_by_its_type():
     from pipeline.config import Placement
 
     cfg = load_config(None, [])
-    for name in ("corpus", "sdg", "prep", "train", "merge", "eval", "export"):
+    for name in ("corpus", "sdg", "prep", "train", "merge", "rerank", "eval", "export"):
         section = getattr(cfg, name)
         recorded = {k.split(".", 1)[1] for k in cfg.section_settings(name) if k != "seed"}
         placement = {k for k in type(section).model_fields if isinstance(getattr(section, k), Placement)}

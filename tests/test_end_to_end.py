@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.rundir import LAYOUT
 from tests.conftest import free_port
 
 SETTINGS = ["corpus.sample_docs=20", "corpus.chunk_tokens=256", "corpus.chunk_overlap=16",
@@ -35,8 +36,19 @@ def test_the_console_shows_progress_not_library_chatter(run_dir):
     _, output, _ = run_dir
     assert "[sdg] " in output and "[train] " in output and "[serve] " in output
     for chatter in ("DEBUG bm25s", "Connecting to existing Serve app", "Started Serve in namespace",
-                    "ray_remote_args", "Progress bars disabled"):
+                    "ray_remote_args", "Progress bars disabled", "Setting accelerator to CPU"):
         assert chatter not in output, chatter
+
+
+def test_the_console_prints_the_metrics_table_once_with_whole_headers(run_dir):
+    _, output, _ = run_dir
+    lines = output.splitlines()
+    headers = [line for line in lines if line.startswith("metric ")]
+    assert len(headers) == 1, headers
+    assert "bm25+base RRF (reference)" in headers[0] and "fine-tuned - base" in headers[0]
+    for i, line in enumerate(lines):  # a "Largest wins/losses" heading always has rows under it
+        if line.startswith("Largest "):
+            assert i + 1 < len(lines) and lines[i + 1].startswith("  "), line
 
 
 def manifest(run, stage):
@@ -45,11 +57,16 @@ def manifest(run, stage):
 
 def test_every_stage_completed_with_its_artifacts(run_dir):
     run, output, _ = run_dir
-    for stage in ("corpus", "sdg", "prep", "train", "merge", "eval", "export"):
+    for stage in ("corpus", "sdg", "prep", "train", "merge", "rerank", "eval", "export"):
         m = manifest(run, stage)
         assert m["status"] == "completed", stage
-        assert m["config_hash"] and m["timings"]["total"] > 0 and m["versions"]["torch"]
+        assert m["config_hash"] and m["versions"]["torch"]
+        assert m["timings"]["total"] > 0 or stage == "rerank"  # off by default: it only records that
     assert manifest(run, "corpus")["counts"]["documents"] == 20
+    assert manifest(run, "rerank")["counts"] == {"enabled": False, "shipped": False}  # off by default
+    for path, what in LAYOUT.items():  # the docs' run-folder reference: every unconditional path is written
+        if not what.startswith("when "):
+            assert (run / path).exists(), path
     sdg_counts = manifest(run, "sdg")["counts"]
     assert sdg_counts["generated_by"] == {"transformers:smollm2": sdg_counts["shards"]}
 
@@ -108,7 +125,8 @@ def test_every_stage_completed_with_its_artifacts(run_dir):
 
 def test_rerun_skips_every_up_to_date_stage(run_dir):
     run, _, overrides = run_dir
-    before = {s: manifest(run, s)["finished_at"] for s in ("corpus", "sdg", "prep", "train", "merge", "eval", "export")}
+    before = {s: manifest(run, s)["finished_at"] for s in ("corpus", "sdg", "prep", "train", "merge", "rerank", "eval",
+                                                          "export")}
     output = retrofit("run", "--corpus", "sample", "--out", str(run), "--no-serve", *overrides)
     assert output.count("up to date, skipped") == len(before)
     assert before == {s: manifest(run, s)["finished_at"] for s in before}
@@ -180,3 +198,26 @@ def test_sdg_killed_mid_run_resumes_without_losing_or_duplicating(tmp_path):
     shard_rows = sum(pq.read_table(p).num_rows for p in shard_dir.glob("shard-*.parquet"))
     assert qa.num_rows == shard_rows and len(list(shard_dir.glob("shard-*.parquet"))) == total_shards
     assert not list(shard_dir.glob(".*.tmp"))  # no half-written shard survives as a shard
+
+
+def test_a_reranker_trains_passes_its_gate_and_eval_scores_it_beside_the_embedder(run_dir):
+    """Last in this module: it changes the run's rerank settings. One step of training (gate 'always', so it
+    ships whatever the tiny val split says), then eval: a reranked row, compared with the shipped model alone."""
+    run, _, overrides = run_dir
+    rerank = ["--set", "rerank.enabled=true", "--set", "rerank.max_steps=1", "--set", "rerank.gate=always",
+              "--set", "rerank.max_pair_tokens=128", "--set", "rerank.top_k=10"]
+    output = retrofit("rerank", "--out", str(run), *overrides, *rerank)
+    counts = manifest(run, "rerank")["counts"]
+    assert counts["enabled"] and counts["shipped"] and counts["steps"] == 1 and counts["rerank_top_k"] == 10
+    assert counts["gate_queries"].endswith("val queries (synthetic, documents training never saw)")
+    assert "gate 'always': ships" in output and (run / "rerank" / "model" / "reranker.json").exists()
+    assert not (run / "rerank" / "candidate").exists()
+
+    retrofit("eval", "--out", str(run), *overrides, *rerank)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert "fine-tuned + reranker" in metrics and "fine-tuned + reranker vs fine-tuned" in metrics["comparisons"]
+    assert any(v.startswith("fine-tuned + reranker vs fine-tuned: NDCG@10") for v in metrics["verdicts"])
+    # Only the top 10 are reordered: what the embedder found below them is not lost.
+    assert metrics["fine-tuned + reranker"]["recall@100"] == metrics["fine-tuned"]["recall@100"]
+    assert manifest(run, "eval")["counts"]["rerank_ms_per_query"] > 0
+

@@ -8,7 +8,8 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import RetrofitError
-from pipeline.merge import choose_weight, load_dev_queries, merge_weights
+from pipeline.beir import load_dev_queries
+from pipeline.merge import choose_weight, merge_weights
 from tests.conftest import SCIFACT
 
 

@@ -15,7 +15,7 @@ TINY = ["corpus.sample_docs=4", "corpus.chunk_tokens=128", "corpus.chunk_overlap
         "sdg.query_types.keyword=0", "sdg.shard_size=2", "sdg.placement.num_actors=2", "prep.roundtrip_top_k=0",
         "train.epochs=1", "train.queries_per_worker=4", "train.max_passage_tokens=128", "export.int8=false",
         "export.parity_texts=20"]
-STAGES = ("corpus", "sdg", "prep", "train", "merge", "eval", "export")
+STAGES = ("corpus", "sdg", "prep", "train", "merge", "rerank", "eval", "export")
 
 
 @pytest.fixture

@@ -74,7 +74,7 @@ def test_killed_worker_resumes_exactly_with_two_deepspeed_workers(tmp_path, ray_
                              # A hard task (loss ~2, not ~1e-4), so equal losses mean something.
                              "train.loss_temperature=1.0", "train.lr=1e-3"])
     log = run.root / "train" / "train_log.jsonl"
-    from pipeline.train import own_torch_extensions_dir
+    from pipeline.training import own_torch_extensions_dir
 
     op = next(Path(own_torch_extensions_dir()).glob("deepspeed_shm_comm/*.so"), None)
     assert op is not None, "DeepSpeed's CPU op is built by `make venv` (.venv/bin/python -m pipeline.warmup)"

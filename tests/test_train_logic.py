@@ -249,7 +249,7 @@ def test_grad_cache_replays_dropout_in_train_mode(base_model, device):
 # -- defect 4: the optimiser's state survives a checkpoint ------------------------------------------------------
 
 def test_plain_engine_resumes_with_its_optimiser_moments(tmp_path):
-    from pipeline.train import PlainEngine
+    from pipeline.training import PlainEngine
 
     def make():
         torch.manual_seed(0)
@@ -283,7 +283,7 @@ def test_plain_engine_resumes_with_its_optimiser_moments(tmp_path):
 # -- precision: bf16 where the hardware multiplies it natively, fp32 weights and gradients either way ----------
 
 def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
-    from pipeline.train import use_bf16
+    from pipeline.training import use_bf16
 
     assert use_bf16("fp32", on_gpu=False) is False and use_bf16("bf16", on_gpu=False) is True
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -296,7 +296,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkey
 
 def _deepspeed_forward_dtype(port, out):
     from pipeline.config import TrainConfig
-    from pipeline.train import DeepSpeedEngine
+    from pipeline.training import DeepSpeedEngine
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     model = torch.nn.Linear(4, 2)
@@ -308,7 +308,7 @@ def _deepspeed_forward_dtype(port, out):
 
 def test_bf16_on_a_cpu_runs_the_model_in_bf16_and_keeps_fp32_weights():
     """Both engines: the matmuls in bf16 (autocast), the weights and their gradients fp32."""
-    from pipeline.train import PlainEngine
+    from pipeline.training import PlainEngine
 
     model = torch.nn.Linear(4, 2)
     engine = PlainEngine(model, 1e-2, warmup_then_cosine(2, 0.0), world=1, bf16=True)
@@ -330,7 +330,7 @@ def test_each_python_environment_has_its_own_deepspeed_op_folder(monkeypatch):
     checkouts' venvs rebuilt it for each other at every switch. Warmup builds it, training loads it, here."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    from pipeline.train import own_torch_extensions_dir
+    from pipeline.training import own_torch_extensions_dir
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     mine = own_torch_extensions_dir()
@@ -348,7 +348,7 @@ def test_training_progress_reaches_the_console_from_the_workers_log(tmp_path, ca
     import json
     import time
 
-    from pipeline.train import follow_progress
+    from pipeline.training import follow_progress
 
     log = tmp_path / "train_log.jsonl"
     log.write_text(json.dumps({"epoch": 0, "step": 3, "loss": 9.0}) + "\n")  # an earlier attempt's line
