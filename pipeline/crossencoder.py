@@ -69,6 +69,21 @@ class PairScorer(torch.nn.Module):
         return self.hf(**features).logits[:, 0]
 
 
+def score_in_batches(forward, tokenizer, pairs: list[tuple[str, str]], max_tokens: int, device: str,
+                     batch_size: int = 32) -> np.ndarray:
+    """One logit per pair (higher: more relevant), in the given order; `forward` is a PairScorer (or the training
+    engine around one). Pairs go in batches of similar length (less padding)."""
+    out = np.zeros(len(pairs), np.float32)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))
+    with torch.inference_mode():
+        for j in range(0, len(order), batch_size):
+            idx = order[j:j + batch_size]
+            features = pair_features(tokenizer, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], max_tokens,
+                                     device)
+            out[idx] = forward(features).float().cpu().numpy()
+    return out
+
+
 class Reranker:
     """Scores (query, passage) pairs with a saved reranker folder, in batches of similar length."""
 
@@ -76,24 +91,15 @@ class Reranker:
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_pair_model(path, self.device)
-        self.model.eval()
+        hf, self.tokenizer = load_pair_model(path, self.device)
+        self.model = PairScorer(hf).eval()
         settings = Path(path) / SETTINGS_FILE
         saved = json.loads(settings.read_text())["max_pair_tokens"] if settings.exists() else 512
         self.max_pair_tokens = max_pair_tokens or saved
         self.batch_size = batch_size
 
     def score_pairs(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        """One logit per pair (higher: more relevant), in the given order."""
-        out = np.zeros(len(pairs), np.float32)
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))  # less padding per batch
-        with torch.inference_mode():
-            for j in range(0, len(order), self.batch_size):
-                idx = order[j:j + self.batch_size]
-                features = pair_features(self.tokenizer, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
-                                         self.max_pair_tokens, self.device)
-                out[idx] = self.model(**features).logits[:, 0].float().cpu().numpy()
-        return out
+        return score_in_batches(self.model, self.tokenizer, pairs, self.max_pair_tokens, self.device, self.batch_size)
 
     def score(self, query: str, passages: list[str]) -> np.ndarray:
         return self.score_pairs([(query, p) for p in passages])

@@ -19,7 +19,7 @@ import shutil
 
 from pipeline.beir import METRICS, compute_metrics, in_corpus, load_dev_queries, passage_text
 from pipeline.contrastive import positive_set
-from pipeline.crossencoder import PairScorer, load_pair_model, pair_features, save_reranker
+from pipeline.crossencoder import PairScorer, load_pair_model, pair_features, save_reranker, score_in_batches
 from pipeline.errors import RetrofitError
 from pipeline.models import resolve_embedder
 from pipeline.ray_runtime import ensure_ray
@@ -65,23 +65,12 @@ class RerankWorker(LoopWorker):
         hf, self.tokenizer = load_pair_model(path, self.device)
         return PairScorer(hf)
 
-    def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
-        import torch
-
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(pairs), 32):
-                part = pairs[i:i + 32]
-                features = pair_features(self.tokenizer, [q for q, _ in part], [p for _, p in part],
-                                         self.tc.max_pair_tokens, self.device)
-                out += self.engine.forward(features).float().cpu().tolist()
-        return out
-
     def validation_set(self, rows: list[dict]):
         return RerankValidation(rows, self.tc.val_max_queries)
 
     def val_ndcg10(self) -> float:
-        return self.val.ndcg10(self.score_pairs)
+        return self.val.ndcg10(lambda pairs: score_in_batches(self.engine.forward, self.tokenizer, pairs,
+                                                              self.tc.max_pair_tokens, self.device))
 
     def save_model(self, folder) -> None:
         save_reranker(self.model.hf, self.tokenizer, folder, self.tc.max_pair_tokens)
@@ -115,12 +104,11 @@ def rerank_loop(config: dict) -> None:
     run_worker(RerankWorker, config)
 
 
-def gate_queries(cfg, run):
+def gate_queries(cfg, run, chunks):
     """(where they come from, queries, qrels, each chunk's hit id): the human dev queries over documents when
-    given, else the val split's synthetic queries over chunks."""
+    given, else the val split's synthetic queries over chunks (`chunks`: the run's chunk table)."""
     import pyarrow.parquet as pq
 
-    chunks = pq.read_table(run.root / "corpus" / "chunks.parquet", columns=["chunk_id", "doc_id"])
     if cfg.merge.dev_queries:
         doc_of_chunk = [str(d) for d in chunks.column("doc_id").to_pylist()]
         dev = in_corpus(load_dev_queries(cfg.merge.dev_queries), set(doc_of_chunk))
@@ -149,12 +137,12 @@ def gate(cfg, run, reranker_path: str) -> dict:
 
     from pipeline.crossencoder import Reranker
 
-    source, queries, qrels, hit_ids = gate_queries(cfg, run)
     chunks_path = run.root / "corpus" / "chunks.parquet"
+    chunks = pq.read_table(chunks_path, columns=["chunk_id", "doc_id", "title", "text"])
+    source, queries, qrels, hit_ids = gate_queries(cfg, run, chunks)
     top_k = min(cfg.rerank.top_k, cfg.eval.top_k)
     first, rows = chunk_run(str(run.root / "merge" / "model"), chunks_path, queries, hit_ids, cfg.eval.top_k,
                             run.root / "cache" / "eval", cfg.eval.texts_per_batch)
-    chunks = pq.read_table(chunks_path, columns=["title", "text"])
     titles, texts = chunks.column("title").to_pylist(), chunks.column("text").to_pylist()
     # Each hit read as the chunk that matched it (a document's best chunk).
     reranked = {}

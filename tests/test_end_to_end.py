@@ -220,4 +220,11 @@ def test_a_reranker_trains_passes_its_gate_and_eval_scores_it_beside_the_embedde
     # Only the top 10 are reordered: what the embedder found below them is not lost.
     assert metrics["fine-tuned + reranker"]["recall@100"] == metrics["fine-tuned"]["recall@100"]
     assert manifest(run, "eval")["counts"]["rerank_ms_per_query"] > 0
+    # The same reranker on any BEIR folder: a row reordering the last --model's hits, compared with it too.
+    report = run / "beir-report"
+    retrofit("eval", "--beir", str(run / "prep" / "beir_test"), "--model", "minilm", "--model", str(run / "merge" / "model"),
+             "--reranker", str(run / "rerank" / "model"), "--report", str(report), *overrides, *rerank)
+    beir = json.loads((report / "beir_test" / "metrics.json").read_text())
+    label = f"{run / 'merge' / 'model'} + reranker"
+    assert label in beir and f"{label} vs {run / 'merge' / 'model'}" in beir["comparisons"]
 
