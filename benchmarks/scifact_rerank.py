@@ -9,6 +9,10 @@ the val split; then the 300 human test claims are scored over the whole corpus, 
 at each top k, with the paired test. Writes results/scifact-rerank.json.
 
     .venv/bin/python benchmarks/scifact_rerank.py [--work DIR] [--top-k 20 50] [--set section.field=value ...]
+
+With --dev-gate (after a full run, same --work and --set) the trained reranker is gated once more, on the 809
+human train claims as dev queries (what `merge.dev_queries` gives the rerank stage), and that verdict is added
+to the result file as `dev_gate`: would a user with some human queries have shipped it?
 """
 from __future__ import annotations
 
@@ -53,6 +57,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "scifact-rerank"))
     ap.add_argument("--top-k", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--dev-gate", action="store_true", help="Gate the trained reranker on SciFact's train claims "
+                    "and add the verdict to results/scifact-rerank.json.")
     args = ap.parse_args()
 
     from pipeline import runner
@@ -75,6 +81,8 @@ def main() -> int:
     config_path.write_text(dump_config(base_cfg))
     cfg = load_config(config_path, overrides)
     run = RunDir(args.work)
+    if args.dev_gate:
+        return dev_gate(load_config(config_path, [*overrides, f"merge.dev_queries={SCIFACT}:train"]), run)
     t0 = time.perf_counter()
     timings = {}
     for stage in ("corpus", "sdg", "prep", "train", "merge", "rerank"):
@@ -118,6 +126,23 @@ def main() -> int:
     k = str(min(args.top_k))
     print(f"SciFact human claims, NDCG@10 base {human['embedder']['ndcg@10']:.4f} -> base + reranker (top {k}) "
           f"{human['reranked']['ndcg@10']:.4f} (p {human['significance']['ndcg@10']['p_value']:.3f})")
+    return 0
+
+
+def dev_gate(cfg, run) -> int:
+    """The rerank stage's gate on human dev queries, over the reranker this benchmark trained."""
+    from pipeline.rerank import gate
+
+    counts = run.read_manifest("rerank").counts
+    reranker = run.root / "rerank" / ("model" if counts["shipped"] else "candidate")
+    t = time.perf_counter()
+    decision = gate(cfg, run, str(reranker))
+    decision["seconds"] = round(time.perf_counter() - t, 1)
+    print(f"[dev gate] {decision['verdict']}", flush=True)
+    path = RESULTS / "scifact-rerank.json"
+    result = json.loads(path.read_text())
+    result["dev_gate"] = decision
+    path.write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "dev queries when given (merge/model)."),
                        ("rerank", "Train a cross-encoder reranker on the train split and gate it against the shipped "
                                   "embedder alone (rerank/model when it passes; needs rerank.enabled)."),
-                       ("export", "Export the fine-tuned model to ONNX with a parity check (export/onnx).")]:
+                       ("export", "Export the fine-tuned model to ONNX with a parity check (export/onnx), and a shipped "
+                                  "reranker too (export/reranker).")]:
         p = sub.add_parser(name, help=text, description=text)
         _common(p)
         if name == "corpus":
@@ -89,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A served endpoint to evaluate too (e.g. http://127.0.0.1:8000; repeatable).")
     p.add_argument("--report", metavar="DIR", help="With --beir: also write report.md, metrics.png and "
                    "per_query.parquet (one subfolder per dataset).")
-    p.add_argument("--reranker", metavar="PATH", help="With --beir: a reranker folder (e.g. RUN/rerank/model) that "
-                   "reorders the last --model's top rerank.top_k hits: one more row, compared with that model too.")
+    p.add_argument("--reranker", metavar="PATH", help="With --beir: a reranker folder (RUN/rerank/model, its ONNX export "
+                   "RUN/export/reranker, or a cross-encoder folder) that reorders the last --model's top rerank.top_k hits: one more row, compared with that model too.")
 
     p = sub.add_parser("serve", help="Serve the exported model at /v1/embeddings (Ray Serve).",
                        description="Serve RUN_DIR/export/onnx over HTTP until Ctrl-C (host and port from "
@@ -160,9 +161,9 @@ def _check_eval_flags(args) -> None:
                                 "base and fine-tuned models on its test split)")
     elif args.out and Path(args.out).is_dir():
         raise RetrofitError(f"--out {args.out}: with --beir, --out is the JSON file to write, and this is a folder")
-    if args.reranker and not Path(args.reranker, "config.json").exists():
-        raise RetrofitError(f"--reranker {args.reranker}: not a reranker folder (no config.json); give a run's "
-                            "rerank/model or a cross-encoder folder")
+    if args.reranker and not any(Path(args.reranker, f).exists() for f in ("config.json", "export.json")):
+        raise RetrofitError(f"--reranker {args.reranker}: not a reranker folder (no config.json or export.json); "
+                            "give a run's rerank/model, its export/reranker or a cross-encoder folder")
 
 
 def _eval_beir(args, cfg) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.onnx_models import OnnxModel
+
 SETTINGS_FILE = "reranker.json"
 
 
@@ -69,23 +71,29 @@ class PairScorer(torch.nn.Module):
         return self.hf(**features).logits[:, 0]
 
 
-def score_in_batches(forward, tokenizer, pairs: list[tuple[str, str]], max_tokens: int, device: str,
-                     batch_size: int = 32) -> np.ndarray:
-    """One logit per pair (higher: more relevant), in the given order; `forward` is a PairScorer (or the training
-    engine around one). Pairs go in batches of similar length (less padding)."""
+def score_in_batches(score_batch, pairs: list[tuple[str, str]], batch_size: int = 32) -> np.ndarray:
+    """One logit per pair (higher: more relevant), in the given order. `score_batch(queries, passages)` scores
+    one batch; pairs go in batches of similar length (less padding)."""
     out = np.zeros(len(pairs), np.float32)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))
-    with torch.inference_mode():
-        for j in range(0, len(order), batch_size):
-            idx = order[j:j + batch_size]
-            features = pair_features(tokenizer, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], max_tokens,
-                                     device)
-            out[idx] = forward(features).float().cpu().numpy()
+    for j in range(0, len(order), batch_size):
+        idx = order[j:j + batch_size]
+        out[idx] = score_batch([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
     return out
 
 
+def torch_scores(forward, tokenizer, pairs: list[tuple[str, str]], max_tokens: int, device: str,
+                 batch_size: int = 32) -> np.ndarray:
+    """score_in_batches with a torch `forward`: a PairScorer, or the training engine around one."""
+    def score_batch(queries, passages):
+        return forward(pair_features(tokenizer, queries, passages, max_tokens, device)).float().cpu().numpy()
+
+    with torch.inference_mode():
+        return score_in_batches(score_batch, pairs, batch_size)
+
+
 class Reranker:
-    """Scores (query, passage) pairs with a saved reranker folder, in batches of similar length."""
+    """Scores (query, passage) pairs with a saved reranker folder (torch)."""
 
     def __init__(self, path: str, batch_size: int = 32, max_pair_tokens: int | None = None, threads: int | None = None):
         if threads:
@@ -99,7 +107,49 @@ class Reranker:
         self.batch_size = batch_size
 
     def score_pairs(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        return score_in_batches(self.model, self.tokenizer, pairs, self.max_pair_tokens, self.device, self.batch_size)
+        return torch_scores(self.model, self.tokenizer, pairs, self.max_pair_tokens, self.device, self.batch_size)
 
     def score(self, query: str, passages: list[str]) -> np.ndarray:
         return self.score_pairs([(query, p) for p in passages])
+
+
+class OnnxReranker(OnnxModel):
+    """An exported reranker folder (export/reranker): the scoring head is in the graph, so ONNX Runtime alone
+    gives each pair's logit. `max_tokens` is the pair length it was trained with."""
+
+    def __init__(self, export_dir: str | Path, threads: int = 1, device: str = "cpu", optimized: bool = True,
+                 batch_size: int = 32):
+        super().__init__(export_dir, threads, device, optimized)
+        self.batch_size = batch_size
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        def score_batch(queries, passages):
+            enc = self.tok(queries, passages, truncation="only_second", max_length=self.max_tokens, padding=True,
+                           return_tensors="np")
+            return self.session.run(["score"], self.feeds(enc))[0]
+
+        return score_in_batches(score_batch, pairs, self.batch_size)
+
+    def score(self, query: str, passages: list[str]) -> np.ndarray:
+        return self.score_pairs([(query, p) for p in passages])
+
+    def pair_tokens(self, query: str, passages: list[str]) -> list[int]:
+        """Tokens of each (query, passage) pair as the model reads it uncut, special tokens included."""
+        q = len(self.token_ids([query])[0])
+        return [q + len(ids) + self.special_pair_tokens for ids in self.token_ids(passages)]
+
+    @property
+    def special_pair_tokens(self) -> int:
+        return self.tok.num_special_tokens_to_add(pair=True)
+
+
+def is_exported(path: str | Path) -> bool:
+    """A folder the export stage wrote (export.json + ONNX graph) rather than a torch cross-encoder folder."""
+    return (Path(path) / "export.json").exists()
+
+
+def load_reranker(path: str | Path, batch_size: int = 32, threads: int | None = None):
+    """A torch reranker folder (rerank/model) or an exported one (export/reranker), behind score_pairs/score."""
+    if is_exported(path):
+        return OnnxReranker(path, threads=threads or 1, batch_size=batch_size)
+    return Reranker(str(path), batch_size=batch_size, threads=threads)

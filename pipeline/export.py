@@ -1,5 +1,7 @@
 """Export stage: the fine-tuned embedder as one ONNX graph (encoder + pooling + normalisation),
-with a parity gate against the torch model on real texts that fails the stage when they diverge.
+with a parity gate against the torch model on real texts that fails the stage when they diverge; and, when
+the rerank stage shipped a reranker, the reranker as one graph too (transformer + scoring head: one logit
+per pair), under its own parity gate on real pairs, in export/reranker.
 
 The export folder is self-contained for serving: model.onnx (portable: standard ONNX ops, what
 TensorRT builds from), model.opt.onnx (ONNX Runtime's offline graph optimisation of it, what the CPU
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.beir import passage_text
-from pipeline.embedders import OnnxEmbedder, load_model, tensorrt_unavailable
+from pipeline.embedders import OnnxEmbedder, load_model
+from pipeline.onnx_models import tensorrt_unavailable
 from pipeline.errors import RetrofitError
 from pipeline.retrieval import evaluate_models
 
@@ -57,18 +60,13 @@ def _pooled_module(st_model):
     return Pooled().eval(), mode
 
 
-def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int) -> Path:
+def trace_to_onnx(module, sample: dict, onnx_path: Path, output: str, opset: int) -> None:
+    """A module taking (input_ids, attention_mask, token_type_ids) traced to ONNX, batch and length dynamic."""
     import torch
 
-    st = load_model(str(model_dir), device="cpu")
-    module, mode = _pooled_module(st)
-    tok = st.tokenizer
-    sample = tok(["an example sentence", "a second, somewhat longer example sentence"], padding=True,
-                 return_tensors="pt")
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
     sample.setdefault("token_type_ids", torch.zeros_like(sample["input_ids"]))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / "model.onnx"
+    names = ["input_ids", "attention_mask", "token_type_ids"]
     axes = {0: "batch", 1: "sequence"}
     # The tracer warns about every data-dependent branch in transformers' attention code; none of them
     # applies to this graph, and the parity gate (the stage's real check) compares it with torch on real
@@ -76,11 +74,20 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
-        torch.onnx.export(module, (sample["input_ids"], sample["attention_mask"], sample["token_type_ids"]),
-                          str(onnx_path), input_names=["input_ids", "attention_mask", "token_type_ids"],
-                          output_names=["sentence_embedding"], opset_version=opset, dynamo=False,
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
-                                        "sentence_embedding": {0: "batch"}})
+        torch.onnx.export(module, tuple(sample[n] for n in names), str(onnx_path), input_names=names,
+                          output_names=[output], opset_version=opset, dynamo=False,
+                          dynamic_axes={**{n: axes for n in names}, output: {0: "batch"}})
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int) -> Path:
+    st = load_model(str(model_dir), device="cpu")
+    module, mode = _pooled_module(st)
+    tok = st.tokenizer
+    sample = tok(["an example sentence", "a second, somewhat longer example sentence"], padding=True,
+                 return_tensors="pt")
+    out_dir = Path(out_dir)
+    onnx_path = out_dir / "model.onnx"
+    trace_to_onnx(module, sample, onnx_path, "sentence_embedding", opset)
     tok.save_pretrained(out_dir)
     optimize_onnx(onnx_path, out_dir / OPTIMIZED)
     # The model's prompts (e.g. {"query": "query: "}) travel with it: serving applies them by input_type.
@@ -92,6 +99,39 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int) -> Path:
 
 
 OPTIMIZED = "model.opt.onnx"
+
+
+def export_reranker_onnx(model_dir: str | Path, out_dir: str | Path, opset: int) -> Path:
+    """A reranker folder (rerank/model) as one ONNX graph: transformer + scoring head, one logit per pair.
+    export.json's max_seq_length is the pair length it was trained with (what serving counts against)."""
+    import torch
+
+    from pipeline.crossencoder import SETTINGS_FILE, load_pair_model
+
+    hf, tok = load_pair_model(str(model_dir))
+
+    class ScoreGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).logits[:, 0]
+
+    sample = tok(["a query", "a second query"], ["a passage", "a second, somewhat longer passage"], padding=True,
+                 return_tensors="pt")
+    out_dir = Path(out_dir)
+    onnx_path = out_dir / "model.onnx"
+    trace_to_onnx(ScoreGraph().eval(), sample, onnx_path, "score", opset)
+    tok.save_pretrained(out_dir)
+    optimize_onnx(onnx_path, out_dir / OPTIMIZED)
+    settings = Path(model_dir) / SETTINGS_FILE
+    max_pair_tokens = json.loads(settings.read_text())["max_pair_tokens"] if settings.exists() else 512
+    (out_dir / "export.json").write_text(json.dumps(
+        {"kind": "reranker", "max_seq_length": max_pair_tokens, "opset": opset, "optimized": OPTIMIZED,
+         "score": "logit; relevance = sigmoid(logit)"}, indent=2))
+    return onnx_path
 
 
 def optimize_onnx(src: Path, dst: Path) -> None:
@@ -151,6 +191,70 @@ def parity_gate(model_dir: str | Path, export_dir: str | Path, texts: list[str],
             "min_cosine": checks[worst]["min_cosine"], "passed": checks[worst]["min_cosine"] >= min_cosine}
 
 
+def reranker_parity_gate(model_dir: str | Path, export_dir: str | Path, pairs: list[tuple[str, str]],
+                         max_diff: float, devices: list[str]) -> dict:
+    """Every reranker graph serving may load against torch: the largest score difference over real pairs."""
+    from pipeline.crossencoder import OnnxReranker, Reranker
+
+    reference = Reranker(str(model_dir)).score_pairs(pairs)
+    graphs = {"onnx": OnnxReranker(export_dir, optimized=False), "onnx-optimized": OnnxReranker(export_dir),
+              **{device: OnnxReranker(export_dir, device=device) for device in devices}}
+    checks = {name: float(np.abs(reference - graph.score_pairs(pairs)).max()) for name, graph in graphs.items()}
+    worst = max(checks, key=checks.get)
+    return {"pairs": len(pairs), "threshold": max_diff, "max_abs_diff": checks, "worst": worst,
+            "passed": checks[worst] <= max_diff}
+
+
+def split_rows(run, n: int) -> list[dict]:
+    """Up to n rows of the test split (the train split when it is empty): queries with their positive and mined
+    negatives, the reranker's real pairs."""
+    import pyarrow.parquet as pq
+
+    for split in ("test", "train"):
+        rows = pq.read_table(run.root / "prep" / f"{split}.parquet").slice(0, n).to_pylist()
+        if rows:
+            return rows
+    return []
+
+
+def export_reranker(cfg, run, rec, devices: list[str]) -> dict:
+    """The shipped reranker's graph, its parity gate, and its int8 variant kept only within the NDCG tolerance."""
+    model_dir, out_dir = run.root / "rerank" / "model", rec.dir / "reranker"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    export_reranker_onnx(model_dir, out_dir, cfg.export.opset)
+    rows = split_rows(run, cfg.export.parity_texts)
+    pairs = [(r["query"], t) for r in rows for t in (r["positive_text"], *r["negative_texts"])][:cfg.export.parity_texts]
+    report = reranker_parity_gate(model_dir, out_dir, pairs, cfg.export.reranker_max_score_diff, devices)
+    (rec.dir / "reranker-parity.json").write_text(json.dumps(report, indent=2))
+    if not report["passed"]:
+        raise ParityError(f"the reranker's {report['worst']} graph diverges from torch: a score differs by "
+                          f"{report['max_abs_diff'][report['worst']]:.6f} > {cfg.export.reranker_max_score_diff} "
+                          f"over {report['pairs']} pairs (see {rec.dir / 'reranker-parity.json'})")
+    summary = {"parity": report}
+    if cfg.export.int8:
+        summary["int8"] = reranker_int8_variant(cfg, run, rec)
+    return summary
+
+
+def reranker_int8_variant(cfg, run, rec) -> dict:
+    """Quantise the reranker; keep it if reranking the test split's candidates costs at most the tolerance."""
+    from pipeline.crossencoder import OnnxReranker
+    from pipeline.training import RerankValidation
+
+    int8_dir = quantize_int8(rec.dir / "reranker", rec.dir / "reranker-int8")
+    ranking = RerankValidation(split_rows(run, cfg.rerank.val_max_queries), cfg.rerank.val_max_queries)
+    fp32, int8 = (ranking.ndcg10(OnnxReranker(d).score_pairs) for d in (rec.dir / "reranker", int8_dir))
+    kept = fp32 - int8 <= cfg.export.int8_max_ndcg_loss
+    summary = {"queries": len(ranking), "ndcg@10_fp32": fp32, "ndcg@10_int8": int8, "ndcg@10_loss": round(fp32 - int8, 5),
+               "tolerance": cfg.export.int8_max_ndcg_loss, "kept": kept}
+    (rec.dir / "reranker-int8.json").write_text(json.dumps(summary, indent=2))
+    if not kept:
+        run.clear("export/reranker-int8")
+    print(f"[export] reranker int8 variant: reranking NDCG@10 {fp32:.4f} -> {int8:.4f} "
+          f"({'kept' if kept else 'dropped: loss above ' + str(cfg.export.int8_max_ndcg_loss)})", flush=True)
+    return summary
+
+
 def run_stage(cfg, run, rec) -> None:
     import pyarrow.parquet as pq
 
@@ -182,6 +286,9 @@ def run_stage(cfg, run, rec) -> None:
     if cfg.export.int8:
         rec.manifest.counts["int8"] = int8_variant(cfg, run, rec)
         rec.phase("int8")
+    if (run.root / "rerank" / "model").is_dir():  # the rerank stage's gate shipped one
+        rec.manifest.counts["reranker"] = export_reranker(cfg, run, rec, devices)
+        rec.phase("reranker")
 
 
 def int8_variant(cfg, run, rec) -> dict:

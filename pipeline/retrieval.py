@@ -80,7 +80,7 @@ def chunk_run(model_path: str, chunks_path: Path, queries: dict[str, str], hit_i
 
 def rerank_run(reranker, run: dict[str, dict[str, float]], passages: dict[str, str], queries: dict[str, str],
                top_k: int) -> dict[str, dict[str, float]]:
-    """Each query's first `top_k` hits reordered by the reranker (a crossencoder.Reranker); hits past `top_k`
+    """Each query's first `top_k` hits reordered by the reranker (crossencoder.load_reranker's); hits past `top_k`
     keep the first stage's order below them. Scores become rank-based (one scale for both parts)."""
     out = {}
     for q, hits in run.items():
@@ -137,11 +137,11 @@ def evaluate_models(beir_dir: str | Path, models: dict[str, str], top_k: int, ca
         runs[label] = retrieve(path, data.corpus, data.queries, qids, top_k, cache, batch_size)
         result.add(label, runs[label])
     if reranker:
-        from pipeline.crossencoder import Reranker
+        from pipeline.crossencoder import load_reranker
 
         last = list(models)[-1]
         passages = {str(d["_id"]): passage_text(str(d.get("title") or ""), str(d["text"])) for d in data.corpus}
-        scorer = Reranker(reranker, batch_size=batch_size)
+        scorer = load_reranker(reranker, batch_size=batch_size)
         t0 = time.perf_counter()
         result.add(reranked_label(last), rerank_run(scorer, runs[last], passages, data.queries, min(rerank_top_k, top_k)))
         result.rerank_ms_per_query = round(1000 * (time.perf_counter() - t0) / max(1, len(qids)), 1)

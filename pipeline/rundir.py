@@ -49,6 +49,11 @@ LAYOUT: dict[str, str] = {
     "export/parity.json": "every exported graph against torch on real texts",
     "export/int8.json": "when export.int8: the int8 variant's NDCG@10 against fp32, and whether it was kept",
     "export/onnx-int8/": "when its NDCG@10 loss is within export.int8_max_ndcg_loss: the dynamic int8 variant",
+    "export/reranker/": "when a reranker shipped: model.onnx (its scoring head in the graph), model.opt.onnx, "
+                        "tokenizer, export.json (pair length)",
+    "export/reranker-parity.json": "when a reranker shipped: each reranker graph against torch on real pairs",
+    "export/reranker-int8.json": "when a reranker shipped and export.int8: its int8 variant's reranking NDCG@10",
+    "export/reranker-int8/": "when that loss is within export.int8_max_ndcg_loss: the reranker's int8 variant",
     "serve/manifest.json": "when the run served: the endpoint's answer to the smoke query",
     "cache/": "embedding cache (keyed by model and data fingerprints), Ray Train's storage",
 }

@@ -26,7 +26,7 @@ READS = {"corpus": ("corpus",), "sdg": ("sdg",), "prep": ("prep",), "train": ("t
          "export": ("export", "eval")}
 CONSUMES = {"corpus": (), "sdg": ("corpus",), "prep": ("corpus", "sdg"), "train": ("prep",),
             "merge": ("corpus", "train"), "rerank": ("corpus", "prep", "merge"), "eval": ("prep", "merge", "rerank"),
-            "export": ("corpus", "sdg", "prep", "merge")}
+            "export": ("corpus", "sdg", "prep", "merge", "rerank")}
 NEEDS_RAY = {"sdg", "train"}
 
 

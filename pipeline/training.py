@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import TrainingLoopConfig
-from pipeline.contrastive import BatchSampler, warmup_then_cosine
+from pipeline.beir import compute_metrics
+from pipeline.contrastive import BatchSampler, positive_set, warmup_then_cosine
 from pipeline.models import native_bf16_cpu
 from pipeline.ray_runtime import check_resources, set_threads
 from pipeline.rundir import RunDir
@@ -518,3 +519,24 @@ def has_val_rows(run, tc) -> bool:
 
     val_path = run.root / "prep" / "val.parquet"
     return tc.val_at_checkpoints and val_path.exists() and pq.ParquetFile(val_path).metadata.num_rows > 0
+
+
+class RerankValidation:
+    """Split rows as a reranking task: each query's positive and mined negatives, scored and ranked (the
+    reranker's val split in training, the test split in the export stage's int8 check)."""
+
+    def __init__(self, rows: list[dict], max_queries: int):
+        self.rows = rows[:max_queries]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def ndcg10(self, score_pairs) -> float:
+        run, qrels = {}, {}
+        for r in self.rows:
+            ids = [r["positive_id"], *r["negative_ids"]]
+            texts = [r["positive_text"], *r["negative_texts"]]
+            scores = score_pairs([(r["query"], t) for t in texts])
+            run[r["qa_id"]] = {d: float(s) for d, s in zip(ids, scores)}
+            qrels[r["qa_id"]] = {p: 1 for p in positive_set(r)}
+        return compute_metrics(qrels, run)[0]["ndcg@10"]

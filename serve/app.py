@@ -45,7 +45,8 @@ class EmbeddingService:
     def __init__(self, export_dir: str, model_name: str, max_inputs: int, max_input_chars: int,
                  requests_per_batch: int, batch_wait_timeout_s: float, threads: int = 1, api_key: str | None = None,
                  device: str = "auto"):
-        from pipeline.embedders import OnnxEmbedder, pick_device
+        from pipeline.embedders import OnnxEmbedder
+        from pipeline.onnx_models import pick_device
         from pipeline.storage import local_copy
 
         export_dir = str(local_copy(export_dir))  # in a bucket: each replica's node keeps its own copy

@@ -227,4 +227,10 @@ def test_a_reranker_trains_passes_its_gate_and_eval_scores_it_beside_the_embedde
     beir = json.loads((report / "beir_test" / "metrics.json").read_text())
     label = f"{run / 'merge' / 'model'} + reranker"
     assert label in beir and f"{label} vs {run / 'merge' / 'model'}" in beir["comparisons"]
+    # A shipped reranker is exported too: one graph with its head, checked against torch on real pairs.
+    retrofit("export", "--out", str(run), *overrides, *rerank)
+    exported = manifest(run, "export")["counts"]["reranker"]
+    assert exported["parity"]["passed"] and exported["parity"]["pairs"] > 0
+    assert (run / "export" / "reranker" / "model.onnx").exists()
+    assert (run / "export" / "reranker-int8" / "model.onnx").exists() == exported["int8"]["kept"]
 

@@ -62,7 +62,7 @@ def test_model_prompts_travel_with_the_export_and_apply_by_input_type(base_model
 def test_without_tensorrt_the_export_says_why(monkeypatch):
     import onnxruntime as ort
 
-    from pipeline.embedders import tensorrt_unavailable
+    from pipeline.onnx_models import tensorrt_unavailable
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     why = tensorrt_unavailable()
@@ -149,3 +149,33 @@ def test_export_and_int8_keep_the_console_quiet(base_model, tmp_path, caplog):
              if issubclass(w.category, torch.jit.TracerWarning) or "aten::index" in str(w.message)]
     assert not noisy, noisy
     assert "pre-processing" not in caplog.text
+
+
+def test_a_reranker_exports_with_its_head_in_the_graph_and_its_parity_gate_catches_a_diverging_one(base_model,
+                                                                                                    tmp_path):
+    """The graph alone scores pairs as torch does (the pair length travels with it); perturbed torch weights
+    fail the gate; the int8 variant is a different graph that stays close."""
+    from pipeline.crossencoder import OnnxReranker, Reranker, load_pair_model, load_reranker, save_reranker
+    from pipeline.export import export_reranker_onnx, quantize_int8, reranker_parity_gate
+
+    hf, tok = load_pair_model(base_model)
+    save_reranker(hf, tok, tmp_path / "model", 64)
+    export_reranker_onnx(tmp_path / "model", tmp_path / "onnx", opset=17)
+    pairs = [("which firmware has the bug", t) for t in TEXTS] + [("a long query " * 3, "short")]
+    report = reranker_parity_gate(tmp_path / "model", tmp_path / "onnx", pairs, 1e-3, devices=[])
+    assert report["passed"] and report["max_abs_diff"]["onnx-optimized"] < 1e-4
+    onnx = load_reranker(tmp_path / "onnx")
+    assert isinstance(onnx, OnnxReranker) and onnx.max_tokens == 64
+    assert onnx.pair_tokens("a b", ["c"] * 2) == [3 + len(onnx.token_ids(["a b"])[0]) + 1] * 2
+    np.testing.assert_allclose(onnx.score_pairs(pairs), Reranker(str(tmp_path / "model")).score_pairs(pairs),
+                               atol=1e-4)
+
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_reranker(hf, tok, tmp_path / "perturbed", 64)
+    assert not reranker_parity_gate(tmp_path / "perturbed", tmp_path / "onnx", pairs, 1e-3, devices=[])["passed"]
+
+    quantize_int8(tmp_path / "onnx", tmp_path / "int8")
+    diff = np.abs(OnnxReranker(tmp_path / "int8").score_pairs(pairs) - onnx.score_pairs(pairs)).max()
+    assert 0 < diff < 0.1

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.rerank import candidates, passes
+from pipeline.rerank import candidates, passes, trusted
 from pipeline.retrieval import rerank_run
 from tests.test_train import _prep_run
 
@@ -30,6 +30,13 @@ def test_candidates_put_the_positive_first_and_never_score_an_own_positive_as_a_
     ("always", -0.05, 0.01, True)])
 def test_the_gate_ships_only_what_its_rule_allows(rule, delta, p, shipped):
     assert passes(rule, {"delta": delta, "p_value": p, "significant": p < 0.05}) is shipped
+
+
+@pytest.mark.parametrize("rule, human, trust, ok", [
+    ("significant", False, False, False), ("better", False, False, False), ("significant", True, False, True),
+    ("better", False, True, True), ("always", False, False, True)])
+def test_synthetic_val_queries_alone_do_not_ship_a_reranker_unless_the_user_says_so(rule, human, trust, ok):
+    assert trusted(rule, human, trust) is ok
 
 
 class _ByLength:
