@@ -222,7 +222,7 @@ def export_reranker(cfg, run, rec, devices: list[str]) -> dict:
     model_dir, out_dir = run.root / "rerank" / "model", rec.dir / "reranker"
     shutil.rmtree(out_dir, ignore_errors=True)
     export_reranker_onnx(model_dir, out_dir, cfg.export.opset)
-    rows = split_rows(run, cfg.export.parity_texts)
+    rows = split_rows(run, max(cfg.export.parity_texts, cfg.rerank.val_max_queries))
     pairs = [(r["query"], t) for r in rows for t in (r["positive_text"], *r["negative_texts"])][:cfg.export.parity_texts]
     report = reranker_parity_gate(model_dir, out_dir, pairs, cfg.export.reranker_max_score_diff, devices)
     (rec.dir / "reranker-parity.json").write_text(json.dumps(report, indent=2))
@@ -232,27 +232,19 @@ def export_reranker(cfg, run, rec, devices: list[str]) -> dict:
                           f"over {report['pairs']} pairs (see {rec.dir / 'reranker-parity.json'})")
     summary = {"parity": report}
     if cfg.export.int8:
-        summary["int8"] = reranker_int8_variant(cfg, run, rec)
+        summary["int8"] = reranker_int8_variant(cfg, run, rec, rows[:cfg.rerank.val_max_queries])
     return summary
 
 
-def reranker_int8_variant(cfg, run, rec) -> dict:
-    """Quantise the reranker; keep it if reranking the test split's candidates costs at most the tolerance."""
+def reranker_int8_variant(cfg, run, rec, rows: list[dict]) -> dict:
+    """Quantise the reranker; keep it if reranking `rows`' candidates (the test split) costs at most the tolerance."""
     from pipeline.crossencoder import OnnxReranker
     from pipeline.training import RerankValidation
 
     int8_dir = quantize_int8(rec.dir / "reranker", rec.dir / "reranker-int8")
-    ranking = RerankValidation(split_rows(run, cfg.rerank.val_max_queries), cfg.rerank.val_max_queries)
+    ranking = RerankValidation(rows, len(rows))
     fp32, int8 = (ranking.ndcg10(OnnxReranker(d).score_pairs) for d in (rec.dir / "reranker", int8_dir))
-    kept = fp32 - int8 <= cfg.export.int8_max_ndcg_loss
-    summary = {"queries": len(ranking), "ndcg@10_fp32": fp32, "ndcg@10_int8": int8, "ndcg@10_loss": round(fp32 - int8, 5),
-               "tolerance": cfg.export.int8_max_ndcg_loss, "kept": kept}
-    (rec.dir / "reranker-int8.json").write_text(json.dumps(summary, indent=2))
-    if not kept:
-        run.clear("export/reranker-int8")
-    print(f"[export] reranker int8 variant: reranking NDCG@10 {fp32:.4f} -> {int8:.4f} "
-          f"({'kept' if kept else 'dropped: loss above ' + str(cfg.export.int8_max_ndcg_loss)})", flush=True)
-    return summary
+    return int8_verdict(cfg, run, rec, "reranker-int8", fp32, int8, {"queries": len(ranking)})
 
 
 def run_stage(cfg, run, rec) -> None:
@@ -299,13 +291,21 @@ def int8_variant(cfg, run, rec) -> dict:
     result = evaluate_models(run.root / "prep" / "beir_test", {"fp32": f"{run.location}/export/onnx",
                                                              "int8": f"{run.location}/export/onnx-int8"},
                              cfg.eval.top_k, run.root / "cache" / "eval", cfg.eval.texts_per_batch, references=False)
-    loss = result.means["fp32"]["ndcg@10"] - result.means["int8"]["ndcg@10"]
+    return int8_verdict(cfg, run, rec, "onnx-int8", result.means["fp32"]["ndcg@10"], result.means["int8"]["ndcg@10"])
+
+
+def int8_verdict(cfg, run, rec, variant: str, fp32: float, int8: float, extra: dict | None = None) -> dict:
+    """Keep export/VARIANT only if its NDCG@10 is within export.int8_max_ndcg_loss of fp32; the figures go to
+    the variant's JSON file (int8.json for the embedder's onnx-int8, VARIANT.json otherwise) and the console."""
+    loss = fp32 - int8
     kept = loss <= cfg.export.int8_max_ndcg_loss
-    summary = {"ndcg@10_fp32": result.means["fp32"]["ndcg@10"], "ndcg@10_int8": result.means["int8"]["ndcg@10"],
-               "ndcg@10_loss": round(loss, 5), "tolerance": cfg.export.int8_max_ndcg_loss, "kept": kept}
-    (rec.dir / "int8.json").write_text(json.dumps(summary, indent=2))
+    summary = {**(extra or {}), "ndcg@10_fp32": fp32, "ndcg@10_int8": int8, "ndcg@10_loss": round(loss, 5),
+               "tolerance": cfg.export.int8_max_ndcg_loss, "kept": kept}
+    name = "int8.json" if variant == "onnx-int8" else f"{variant}.json"
+    (rec.dir / name).write_text(json.dumps(summary, indent=2))
     if not kept:
-        run.clear("export/onnx-int8")
-    print(f"[export] int8 variant: NDCG@10 {summary['ndcg@10_fp32']:.4f} -> {summary['ndcg@10_int8']:.4f} "
+        run.clear(f"export/{variant}")
+    what = "int8 variant: NDCG@10" if variant == "onnx-int8" else "reranker int8 variant: reranking NDCG@10"
+    print(f"[export] {what} {fp32:.4f} -> {int8:.4f} "
           f"({'kept' if kept else 'dropped: loss above ' + str(cfg.export.int8_max_ndcg_loss)})", flush=True)
     return summary

@@ -146,12 +146,14 @@ def gate(cfg, run, reranker_path: str) -> dict:
     # them (0.8344 -> 0.8687, p 0.007) lowered people's NDCG@10 from 0.6451 to 0.5866 (results/scifact-rerank.json).
     untrusted = passed and not trusted(rule, bool(cfg.merge.dev_queries), cfg.rerank.trust_synthetic_val)
     shipped = passed and not untrusted
+    outcome = "ships"
+    if untrusted:
+        outcome = ("passed on synthetic queries only, NOT shipped: give human dev queries (merge.dev_queries) to "
+                   "gate it, or set rerank.trust_synthetic_val")
+    elif not shipped:
+        outcome = "NOT shipped, the endpoint and eval use the embedder alone"
     why = (f"{source}: NDCG@10 {embedder:.4f} alone -> {sig['value']:.4f} reranked (top {top_k}; "
-           f"{sig['delta']:+.4f}, p {sig['p_value']:.3f}); gate '{rule}': "
-           + ("ships" if shipped else
-              "passed on synthetic queries only, NOT shipped: give human dev queries (merge.dev_queries) to gate it, "
-              "or set rerank.trust_synthetic_val" if untrusted else
-              "NOT shipped, the endpoint and eval use the embedder alone"))
+           f"{sig['delta']:+.4f}, p {sig['p_value']:.3f}); gate '{rule}': {outcome}")
     return {"gate_queries": source, "rule": rule, "rerank_top_k": top_k, "ndcg@10_embedder": embedder,
             "ndcg@10_reranked": sig["value"], "delta": sig["delta"], "p_value": sig["p_value"],
             "passed": passed, "shipped": shipped, "verdict": why}
