@@ -1,5 +1,7 @@
 """Serving: our Ray Serve endpoint vs in-process sentence-transformers vs infinity-emb, same machine.
 
+Embeddings by default; with --rerank the reranking endpoints (see "Reranking" below).
+
 All three serve the packaged all-MiniLM-L6-v2 (ours: its ONNX export, the artifact the pipeline
 serves). Load comes from this process (a separate one from the servers): a fixed number of requests,
 one SciFact claim each, at concurrency 1, 4, 16 and 64. For in-process encoding, "concurrency c" means
@@ -17,6 +19,13 @@ virtual environment (made once):
 Prints throughput (requests/s) and p50/p99 latency per system and concurrency, the ratios
 ours/infinity and ours/in-process (throughput; p99 against infinity too), and writes
 benchmarks/results/serving.json.
+
+Reranking (--rerank): one request is one SciFact claim with 20 abstracts (each cut to its first 1,200
+characters, so no pair exceeds the 512 tokens both servers read and neither truncates), reordered by the same
+cross-encoder: all-MiniLM-L6-v2's transformer with a one-label head (weights as saved, untrained: speed does
+not depend on them). Ours serves its ONNX export at /v1/rerank, infinity-emb the torch folder at /rerank,
+in-process is sentence-transformers' CrossEncoder.predict on one request's pairs. Throughput is in pairs/s;
+writes benchmarks/results/serving-rerank.json.
 """
 from __future__ import annotations
 
@@ -41,6 +50,17 @@ SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 WORK = ROOT / "benchmarks" / "work" / "serving"
 INFINITY_VENV = ROOT / "benchmarks" / "work" / "infinity-venv"
 CONCURRENCY = (1, 4, 16, 64)
+DOCS_PER_QUERY = 20
+DOC_CHARS = 1200
+RERANK_PAIR_TOKENS = 512
+
+
+def rerank_requests(n: int) -> list[dict]:
+    """n (claim, 20 abstracts) requests, the abstracts rotating through the corpus."""
+    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"][:DOC_CHARS] for _, line in zip(range(4000), f)]
+    return [{"query": q, "documents": [docs[(i * DOCS_PER_QUERY + j) % len(docs)] for j in range(DOCS_PER_QUERY)]}
+            for i, q in enumerate(claims(n))]
 
 
 def claims(n: int) -> list[str]:
@@ -71,30 +91,59 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def load(url: str, model: str, texts: list[str], concurrency: int) -> dict:
+def embedding_body(text: str, model: str) -> dict:
+    return {"input": [text], "model": model}
+
+
+def embedding_answered(reply) -> bool:
+    return len(reply["data"][0]["embedding"]) == 384
+
+
+def rerank_answered(reply) -> bool:
+    return len(reply["results"]) == DOCS_PER_QUERY and {"index", "relevance_score"} <= set(reply["results"][0])
+
+
+def load(url: str, bodies: list[dict], answered, concurrency: int, pairs_per_request: int = 1) -> dict:
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=concurrency, pool_maxsize=concurrency)
     session.mount("http://", adapter)
 
-    def one(text: str) -> float:
+    def one(body: dict) -> float:
         t0 = time.perf_counter()
-        r = session.post(url, json={"input": [text], "model": model}, timeout=120)
+        r = session.post(url, json=body, timeout=300)
         r.raise_for_status()
-        assert len(r.json()["data"][0]["embedding"]) == 384
+        assert answered(r.json()), r.text[:300]
         return time.perf_counter() - t0
 
-    for text in texts[:8]:  # warm-up
-        one(text)
+    for body in bodies[:8]:  # warm-up
+        one(body)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        latencies = list(pool.map(one, texts))
-    return summarise(latencies, time.perf_counter() - t0)
+        latencies = list(pool.map(one, bodies))
+    return summarise(latencies, time.perf_counter() - t0, pairs_per_request)
 
 
-def summarise(latencies: list[float], wall: float) -> dict:
-    return {"requests_per_s": round(len(latencies) / wall, 2),
-            "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
+def summarise(latencies: list[float], wall: float, pairs_per_request: int = 1) -> dict:
+    out = {"requests_per_s": round(len(latencies) / wall, 2)}
+    if pairs_per_request > 1:
+        out["pairs_per_s"] = round(len(latencies) * pairs_per_request / wall, 2)
+    return {**out, "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
             "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2)}
+
+
+def in_process_rerank(bodies: list[dict], concurrency: int, model) -> dict:
+    """CrossEncoder.predict on the pairs of `concurrency` requests at once; each request's latency is that call's."""
+    def pairs(batch):
+        return [(b["query"], d) for b in batch for d in b["documents"]]
+
+    model.predict(pairs(bodies[:2]))  # warm-up
+    latencies, t0 = [], time.perf_counter()
+    for i in range(0, len(bodies), concurrency):
+        batch = bodies[i:i + concurrency]
+        b0 = time.perf_counter()
+        model.predict(pairs(batch), batch_size=32)
+        latencies += [time.perf_counter() - b0] * len(batch)
+    return summarise(latencies, time.perf_counter() - t0, DOCS_PER_QUERY)
 
 
 def in_process(model_path: str, texts: list[str], concurrency: int, model=None) -> dict:
@@ -107,24 +156,26 @@ def in_process(model_path: str, texts: list[str], concurrency: int, model=None) 
     return summarise(latencies, time.perf_counter() - t0)
 
 
-def start_ours(export_dir: Path, port: int, overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
+def start_ours(export_dir: Path, port: int, overrides: list[str], env: dict[str, str],
+               reranker_dir: Path | None = None) -> subprocess.Popen:
     settings = [f"serve.port={port}", "serve.placement.cpus_per_replica=2", "serve.max_queued_requests=256", *overrides]
     code = ("import sys, time; sys.path.insert(0, %r)\n"
             "from pipeline.config import load_config\nfrom pipeline.ray_runtime import ensure_ray\nfrom serve import app\n"
             "cfg = load_config(None, %r)\n"
             "ensure_ray(num_cpus=2, serve_ingress=cfg.ray.serve_ingress)\n"
-            "app.start(%r, 'minilm', cfg.serve)\nprint('ready', flush=True)\n"
-            "while True: time.sleep(60)\n") % (str(ROOT), settings, str(export_dir))
+            "app.start(%r, 'minilm', cfg.serve, reranker_dir=%r)\nprint('ready', flush=True)\n"
+            "while True: time.sleep(60)\n") % (str(ROOT), settings, str(export_dir),
+                                                reranker_dir and str(reranker_dir))
     return subprocess.Popen([sys.executable, "-c", code], start_new_session=True, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_infinity(model_path: str, port: int) -> subprocess.Popen:
+def start_infinity(model_path: str, port: int, served_name: str = "minilm") -> subprocess.Popen:
     exe = INFINITY_VENV / "bin" / "infinity_emb"
     if not exe.exists():
         raise SystemExit(f"{exe} is missing: make its venv first (see this script's docstring) or --skip-infinity")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
-    return subprocess.Popen([str(exe), "v2", "--model-id", model_path, "--served-model-name", "minilm",
+    return subprocess.Popen([str(exe), "v2", "--model-id", model_path, "--served-model-name", served_name,
                              "--port", str(port), "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu",
                              "--batch-size", "32", "--no-bettertransformer"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -148,7 +199,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=512, help="Requests per concurrency level.")
+    ap.add_argument("--requests", type=int, help="Requests per concurrency level (default 512; --rerank: 128).")
+    ap.add_argument("--rerank", action="store_true", help="Measure the reranking endpoints instead (see above).")
     ap.add_argument("--skip-infinity", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="Measure every system this many times, the order of the "
                     "servers alternating per round; the table holds medians, ratios are medians of per-round ratios.")
@@ -169,25 +221,54 @@ def main() -> int:
     export_dir = WORK / "onnx"
     if not (export_dir / "export.json").exists():
         export_onnx(model_path, export_dir, opset=17)
-    texts = claims(args.requests)
+    n = args.requests or (128 if args.rerank else 512)
 
     import torch
 
     torch.set_num_threads(2)
-    st = load_model(model_path, device="cpu")
-    servers = [("ours", lambda port: start_ours(export_dir, port, args.overrides, env), "/v1/embeddings", "/health")]
-    if not args.skip_infinity:
-        servers.append(("infinity", lambda port: start_infinity(model_path, port), "/embeddings", "/health"))
+    if args.rerank:
+        from sentence_transformers import CrossEncoder
+
+        from pipeline.crossencoder import load_pair_model, save_reranker
+        from pipeline.export import export_reranker_onnx
+
+        reranker_dir, reranker_export = WORK / "reranker", WORK / "reranker-onnx"
+        if not (reranker_export / "export.json").exists():
+            save_reranker(*load_pair_model(model_path), reranker_dir, RERANK_PAIR_TOKENS)
+            export_reranker_onnx(reranker_dir, reranker_export, opset=17)
+        bodies = rerank_requests(n)
+        infinity_bodies = [{**b, "model": "reranker"} for b in bodies]
+        cross = CrossEncoder(str(reranker_dir), device="cpu", max_length=RERANK_PAIR_TOKENS)
+        baseline = lambda c: in_process_rerank(bodies, c, cross)  # noqa: E731
+        servers = [("ours", lambda port: start_ours(export_dir, port, args.overrides, env, reranker_export),
+                    "/v1/rerank", "/health", bodies)]
+        if not args.skip_infinity:
+            servers.append(("infinity", lambda port: start_infinity(str(reranker_dir), port, "reranker"), "/rerank",
+                            "/health", infinity_bodies))
+        answered, per_request = rerank_answered, DOCS_PER_QUERY
+    else:
+        texts = claims(n)
+        bodies = [embedding_body(t, "minilm") for t in texts]
+        st = load_model(model_path, device="cpu")
+        baseline = lambda c: in_process(model_path, texts, c, st)  # noqa: E731
+        servers = [("ours", lambda port: start_ours(export_dir, port, args.overrides, env), "/v1/embeddings",
+                    "/health", bodies)]
+        if not args.skip_infinity:
+            servers.append(("infinity", lambda port: start_infinity(model_path, port), "/embeddings", "/health",
+                            bodies))
+        answered, per_request = embedding_answered, 1
+    speed = "pairs_per_s" if args.rerank else "requests_per_s"
     rounds = []
     for r in range(args.rounds):
-        table = {"in-process": {c: in_process(model_path, texts, c, st) for c in levels}}
+        table = {"in-process": {c: baseline(c) for c in levels}}
         # This VM's speed drifts within minutes: alternate which server goes first.
-        for name, start, route, health in (servers if r % 2 == 0 else servers[::-1]):
+        for name, start, route, health, requests_of in (servers if r % 2 == 0 else servers[::-1]):
             port = free_port()
             proc = start(port)
             try:
                 wait_ready(f"http://127.0.0.1:{port}{health}", proc)
-                table[name] = {c: load(f"http://127.0.0.1:{port}{route}", "minilm", texts, c) for c in levels}
+                table[name] = {c: load(f"http://127.0.0.1:{port}{route}", requests_of, answered, c, per_request)
+                               for c in levels}
             finally:
                 stop(proc)
         rounds.append(table)
@@ -201,7 +282,7 @@ def main() -> int:
     ratios = {}
     for other in ("infinity", "in-process"):
         if other in table:
-            ratios[f"ours/{other}"] = {c: round(statistics.median(t["ours"][c]["requests_per_s"] / t[other][c]["requests_per_s"]
+            ratios[f"ours/{other}"] = {c: round(statistics.median(t["ours"][c][speed] / t[other][c][speed]
                                                                   for t in rounds), 3) for c in levels}
             print(f"throughput ours/{other}: " + ", ".join(f"c={c}: {v:.2f}" for c, v in ratios[f"ours/{other}"].items()))
     extra = {}
@@ -210,9 +291,13 @@ def main() -> int:
         extra["p99_ours_over_infinity"] = {c: round(statistics.median(t["ours"][c]["p99_ms"] / t["infinity"][c]["p99_ms"]
                                                                       for t in rounds), 3) for c in levels}
         print("p99 ours/infinity: " + ", ".join(f"c={c}: {v:.2f}" for c, v in extra["p99_ours_over_infinity"].items()))
-    command = "benchmarks/serving.py" + (f" --rounds {args.rounds}" if args.rounds > 1 else "") + \
-        (" --skip-infinity" if args.skip_infinity else "")
-    path = write_result("serving", {"requests": args.requests, "rounds": args.rounds, "table": table,
+    command = "benchmarks/serving.py" + (" --rerank" if args.rerank else "") + \
+        (f" --rounds {args.rounds}" if args.rounds > 1 else "") + (" --skip-infinity" if args.skip_infinity else "")
+    if args.rerank:
+        extra.update(docs_per_query=DOCS_PER_QUERY, doc_chars=DOC_CHARS, max_pair_tokens=RERANK_PAIR_TOKENS,
+                     throughput="pairs_per_s")
+    path = write_result("serving-rerank" if args.rerank else "serving",
+                        {"requests": n, "rounds": args.rounds, "table": table,
                                     "per_round": rounds if args.rounds > 1 else None, "ratios": ratios, **extra,
                                     "ours_settings": args.overrides, "ours_env": env, "command": command})
     print(f"wrote {path}")

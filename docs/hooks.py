@@ -106,13 +106,14 @@ def cli_reference() -> str:
 
 
 def http_errors() -> list[tuple[int, str]]:
-    """(status, message) of every `_error(STATUS, "...")` the endpoint can answer, read from serve/app.py."""
-    tree = ast.parse((ROOT / "serve" / "app.py").read_text())
+    """(status, message) of every `_error(STATUS, "...")` the endpoint can answer, read from serve/app.py, and
+    every `BadRequest(STATUS, "...")` of the rerank request checks (serve/rerank_request.py)."""
     found = []
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_error" and node.args
-                and isinstance(node.args[0], ast.Constant)):
-            found.append((int(node.args[0].value), " ".join(_message(node.args[1]).split())))
+    for module, call in (("app.py", "_error"), ("rerank_request.py", "BadRequest")):
+        for node in ast.walk(ast.parse((ROOT / "serve" / module).read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == call and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                found.append((int(node.args[0].value), " ".join(_message(node.args[1]).split())))
     return sorted(set(found))
 
 

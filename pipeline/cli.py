@@ -116,10 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=os.environ.get("RAY_JOBS_ADDRESS", "http://127.0.0.1:8265"),
                    help="Ray Jobs API of the cluster's head (default: $RAY_JOBS_ADDRESS or http://127.0.0.1:8265).")
 
-    p = sub.add_parser("query", help="Embed a text through a running endpoint.",
-                       description="Embed a text through a running endpoint and print the vector.")
-    p.add_argument("text", help="Text to embed.")
+    p = sub.add_parser("query", help="Embed a text through a running endpoint, or rerank documents for it.",
+                       description="Embed a text through a running endpoint and print the vector; with --rerank, "
+                                   "print the given documents ranked for it by the endpoint's reranker instead. "
+                                   "The bearer token, if the endpoint needs one, is read from $RETROFIT_API_KEY.")
+    p.add_argument("text", help="Text to embed (with --rerank: the query).")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="Endpoint base URL.")
+    p.add_argument("--rerank", nargs="+", metavar="DOCUMENT", help="Documents to rank for the text (/v1/rerank).")
+    p.add_argument("--top-n", type=int, help="With --rerank: how many of the best to print (default: all).")
 
     p = sub.add_parser("migrate", help="Keep a run folder made by an older Retrofit (an older config schema).",
                        description="Stages made under config schema 1 (whose identity left default settings "
@@ -240,9 +244,22 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_config(_config(args)), end="")
             return 0
         if args.command == "query":
-            from serve.client import embed
+            from serve.client import embed, rerank
 
-            vec = embed(args.url, [args.text])[0]
+            import requests
+
+            from serve.client import EndpointError, embed, rerank
+
+            token = os.environ.get("RETROFIT_API_KEY") or None
+            try:
+                if args.rerank:
+                    ranked = rerank(args.url, args.text, args.rerank, top_n=args.top_n, return_documents=True,
+                                    truncate="END", token=token)
+                    print(json.dumps({"query": args.text, "results": ranked}, indent=2))
+                    return 0
+                vec = embed(args.url, [args.text], token=token)[0]
+            except (EndpointError, requests.RequestException) as e:
+                raise RetrofitError(f"--url {args.url}: {e}") from e
             print(json.dumps({"dimension": len(vec), "embedding": vec}))
             return 0
         if args.command == "job":

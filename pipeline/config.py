@@ -375,6 +375,8 @@ class ServeConfig(Section):
     max_inputs: int = Field(256, ge=1, description="Inputs per request.")
     max_input_chars: int = Field(8192, ge=1, description="Longer inputs answer 413 unless the request sets "
                                  "'truncate' ('END' or 'START'); so do inputs over the model's token limit.")
+    max_documents: int = Field(1000, ge=1, description="Documents per /v1/rerank request (each is one (query, "
+                               "document) pair, within the reranker's pair length unless 'truncate' cuts it).")
     max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica works on at once "
                                              "(default: 2 x requests_per_batch; Ray's own default of 5 caps "
                                              "batching).")

@@ -137,20 +137,28 @@ def run_all(cfg: RetrofitConfig, run: RunDir, stages=BATCH_STAGES, force: set[st
 
 
 def smoke_serve(cfg: RetrofitConfig, run: RunDir, query: str, keep_serving: bool = False) -> dict:
-    """Start the endpoint on the exported model, embed one query over HTTP, then stop (unless kept)."""
+    """Start the endpoint on the exported model (and the exported reranker when the run shipped one), embed one
+    query over HTTP (and rerank two texts for it), then stop (unless kept)."""
     import json
 
     from pipeline.ray_runtime import configure, ensure_ray
     from serve import app, client
 
-    run.require("export", "serve")
+    exported = run.require("export", "serve")
     configure(cfg.ray)
     ensure_ray()
     export_dir = f"{run.location}/export/onnx"  # a bucket location: each replica fetches the model itself
-    url = app.start(export_dir, f"retrofit-{run.name}", cfg.serve)  # served under app.APP_NAME
+    reranker_dir = f"{run.location}/export/reranker" if "reranker" in exported.counts else None
+    url = app.start(export_dir, f"retrofit-{run.name}", cfg.serve, reranker_dir=reranker_dir)  # as app.APP_NAME
     try:
         vectors = client.embed(url, [query])
-        info = {"url": url, "query": query, "dimension": len(vectors[0]), "status": "answered"}
+        info = {"url": url, "query": query, "dimension": len(vectors[0]), "status": "answered",
+                "reranker": reranker_dir is not None}
+        if reranker_dir:
+            ranked = client.rerank(url, query, [query, "an unrelated sentence about the weather"], truncate="END")
+            info["rerank"] = ranked
+            print(f"[serve] {url}/v1/rerank scored the query itself {ranked[0]['relevance_score']:.3f} against "
+                  f"itself (index {ranked[0]['index']} first)", flush=True)
         (run.stage_dir("serve") / "manifest.json").write_text(json.dumps(info, indent=2))
         run.push("serve")
         print(f"[serve] {url}/v1/embeddings answered {query!r} with a {len(vectors[0])}-d vector: "

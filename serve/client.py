@@ -1,4 +1,4 @@
-"""A small client for the OpenAI-compatible embedding endpoint."""
+"""A small client for the endpoint: /v1/embeddings (OpenAI's shape) and /v1/rerank (Cohere's and Jina's)."""
 
 from __future__ import annotations
 
@@ -22,15 +22,29 @@ def embed(url: str, texts: list[str], model: str | None = None, encoding_format:
         body["model"] = model
     if input_type:
         body["input_type"] = input_type
+    data = sorted(_post(url, "/v1/embeddings", body, timeout, token)["data"], key=lambda d: d["index"])
+    if encoding_format == "base64":
+        return [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4").tolist() for d in data]
+    return [d["embedding"] for d in data]
+
+
+def rerank(url: str, query: str, documents: list[str], top_n: int | None = None, return_documents: bool = False,
+           truncate: str = "NONE", timeout: float = 60.0, token: str | None = None) -> list[dict]:
+    """`documents` ranked for `query` by a /v1/rerank endpoint: [{index, relevance_score, document?}], best first;
+    truncate 'END' or 'START' cuts documents whose pair with the query is longer than the reranker reads."""
+    body = {"query": query, "documents": documents, "return_documents": return_documents, "truncate": truncate}
+    if top_n is not None:
+        body["top_n"] = top_n
+    return _post(url, "/v1/rerank", body, timeout, token)["results"]
+
+
+def _post(url: str, path: str, body: dict, timeout: float, token: str | None) -> dict:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    r = requests.post(f"{url.rstrip('/')}/v1/embeddings", json=body, timeout=timeout, headers=headers)
+    r = requests.post(f"{url.rstrip('/')}{path}", json=body, timeout=timeout, headers=headers)
     if r.status_code != 200:
         try:
             message = r.json()["error"]["message"]
         except Exception:
             message = r.text[:200]
         raise EndpointError(f"{url} answered {r.status_code}: {message}")
-    data = sorted(r.json()["data"], key=lambda d: d["index"])
-    if encoding_format == "base64":
-        return [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4").tolist() for d in data]
-    return [d["embedding"] for d in data]
+    return r.json()

@@ -233,4 +233,9 @@ def test_a_reranker_trains_passes_its_gate_and_eval_scores_it_beside_the_embedde
     assert exported["parity"]["passed"] and exported["parity"]["pairs"] > 0
     assert (run / "export" / "reranker" / "model.onnx").exists()
     assert (run / "export" / "reranker-int8" / "model.onnx").exists() == exported["int8"]["kept"]
+    # ... and served beside the embedder: the smoke check reranks two texts for its query over HTTP.
+    output = retrofit("serve", "--once", "--out", str(run), *overrides, *rerank)
+    served = json.loads((run / "serve" / "manifest.json").read_text())
+    assert served["reranker"] and sorted(x["index"] for x in served["rerank"]) == [0, 1]
+    assert "/v1/rerank scored" in output
 

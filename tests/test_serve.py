@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -18,14 +19,29 @@ from pipeline.export import export_onnx
 from tests.conftest import free_port
 
 
+RERANKER_PAIR_TOKENS = 64
+
+
 @pytest.fixture(scope="module")
-def endpoint(base_model, tmp_path_factory, ray_local):
+def exported_reranker(base_model, tmp_path_factory) -> Path:
+    """An exported reranker: the base model's transformer with a new (untrained) head, 64-token pairs."""
+    from pipeline.crossencoder import load_pair_model, save_reranker
+    from pipeline.export import export_reranker_onnx
+
+    folder = tmp_path_factory.mktemp("reranker")
+    save_reranker(*load_pair_model(base_model), folder / "model", RERANKER_PAIR_TOKENS)
+    export_reranker_onnx(folder / "model", folder / "onnx", opset=17)
+    return folder / "onnx"
+
+
+@pytest.fixture(scope="module")
+def endpoint(base_model, tmp_path_factory, ray_local, exported_reranker):
     from serve import app
 
     export_dir = tmp_path_factory.mktemp("onnx")
     export_onnx(base_model, export_dir, opset=17)
     cfg = load_config(None, [f"serve.port={free_port()}", "serve.max_inputs=4", "serve.max_input_chars=20000"])
-    url = app.start(str(export_dir), "test-model", cfg.serve)
+    url = app.start(str(export_dir), "test-model", cfg.serve, reranker_dir=str(exported_reranker))
     yield url, export_dir, ray_local
     app.stop()
 
@@ -97,6 +113,8 @@ def test_models_and_health(endpoint):
     assert requests.get(f"{url}/health").json() == {"status": "ok"}
     models = requests.get(f"{url}/v1/models").json()["data"]
     assert models[0]["id"] == "test-model" and models[0]["dimension"] == 384
+    assert models[1] == {"id": "test-model-reranker", "object": "model", "owned_by": "retrofit", "type": "reranker",
+                         "max_pair_tokens": RERANKER_PAIR_TOKENS}
     assert requests.post(f"{url}/v1/embeddings", data="not json").status_code == 400
 
 
@@ -149,6 +167,7 @@ def test_bearer_token_auth(endpoint):
         good = {"Authorization": "Bearer s3cret"}
         assert requests.post(f"{url}/v1/embeddings", json=body, headers=good).status_code == 200
         assert requests.get(f"{url}/v1/models", headers=good).status_code == 200
+        assert requests.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["d"]}).status_code == 401
         assert requests.get(f"{url}/health").status_code == 200  # probes need no token
     finally:
         from ray import serve
@@ -203,6 +222,9 @@ def test_input_type_applies_the_model_prompts(endpoint, base_model, tmp_path):
         assert np.allclose(embed(input_type="passage"), onnx_model.encode(["passage: reset the router"])[0],
                            atol=1e-5)
         assert np.allclose(embed(), onnx_model.encode(["reset the router"])[0], atol=1e-5)
+        # This app was started without a reranker: /v1/rerank says so instead of failing.
+        r = requests.post(f"{url}/v1/rerank", json={"query": "reset", "documents": ["the router"]})
+        assert r.status_code == 404 and "no reranker is served here" in r.json()["error"]["message"]
     finally:  # its replica holds a CPU that later tests on this Ray need
         app.stop("prompted")
 
@@ -211,25 +233,31 @@ def test_prometheus_metrics_count_requests_by_status(endpoint):
     url, _, metrics_port = endpoint
     for body in ({"input": "metrics check"}, {"input": []}):
         requests.post(f"{url}/v1/embeddings", json=body)
+    for body in ({"query": "metrics", "documents": ["check"]}, {"query": "metrics", "documents": []}):
+        requests.post(f"{url}/v1/rerank", json=body)
 
-    def counts():
+    def counts(endpoint_name):
         text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         found = {}
         for line in text.splitlines():
-            if line.startswith("ray_retrofit_embedding_requests_total{"):
+            if line.startswith(f"ray_retrofit_{endpoint_name}_requests_total{{"):
                 status = line.split('status="')[1].split('"')[0]
                 found[status] = found.get(status, 0) + float(line.rsplit(" ", 1)[1])
         return found, text
 
-    deadline = time.time() + 60  # Ray exports metrics every few seconds
-    while time.time() < deadline:
-        found, text = counts()
-        if found.get("200", 0) >= 1 and found.get("400", 0) >= 1:
-            break
-        time.sleep(2)
-    assert found.get("200", 0) >= 1 and found.get("400", 0) >= 1, found
+    for name in ("embedding", "rerank"):
+        deadline = time.time() + 60  # Ray exports metrics every few seconds
+        while time.time() < deadline:
+            found, text = counts(name)
+            if found.get("200", 0) >= 1 and found.get("400", 0) >= 1:
+                break
+            time.sleep(2)
+        assert found.get("200", 0) >= 1 and found.get("400", 0) >= 1, (name, found)
     assert "ray_retrofit_embedding_latency_seconds_bucket" in text
     assert "ray_retrofit_embedding_batch_texts_bucket" in text
+    assert "ray_retrofit_rerank_latency_seconds_bucket" in text
+    assert "ray_retrofit_rerank_batch_pairs_bucket" in text
+    assert "ray_retrofit_rerank_pairs_total" in text
 
 
 def test_health_answers_while_a_long_batch_is_embedding(endpoint):
@@ -354,3 +382,128 @@ def test_a_killed_server_leaves_no_haproxy_holding_its_port(endpoint):
             pass
         for proc in holding_port():  # an orphan must not hold the port for the rest of the suite
             proc.kill()
+
+
+DOCS = ["The router's firmware 4.2 fixes the memory leak.", "Penguins live in the southern hemisphere.",
+        "Firmware updates for routers ship every quarter.", "A recipe for lemon cake."]
+QUERY = "which firmware fixes the router memory leak"
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+
+
+def test_rerank_ranks_documents_by_the_exported_rerankers_scores(endpoint, exported_reranker):
+    """Cohere/Jina shape: results best first, top_n of them, relevance_score = sigmoid(logit), the texts on
+    request, usage in tokens; documents as strings or {text} objects; TEI's /rerank gives the same order."""
+    from pipeline.crossencoder import OnnxReranker
+
+    url, _, _ = endpoint
+    reranker = OnnxReranker(exported_reranker)
+    logits = reranker.score(QUERY, DOCS)
+    order = list(np.argsort(-logits))
+    r = requests.post(f"{url}/v1/rerank", json={"model": "test-model-reranker", "query": QUERY, "documents": DOCS,
+                                                "top_n": 3, "return_documents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "test-model-reranker"
+    assert [x["index"] for x in body["results"]] == order[:3]
+    assert [x["document"]["text"] for x in body["results"]] == [DOCS[i] for i in order[:3]]
+    np.testing.assert_allclose([x["relevance_score"] for x in body["results"]], _sigmoid(logits[order[:3]]),
+                               atol=1e-5)
+    assert body["usage"]["total_tokens"] == sum(reranker.pair_tokens(QUERY, DOCS))
+
+    objects = requests.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": [{"text": d} for d in DOCS]})
+    assert [x["index"] for x in objects.json()["results"]] == order  # every document when top_n is absent
+    assert "document" not in objects.json()["results"][0]
+
+    tei = requests.post(f"{url}/rerank", json={"query": QUERY, "texts": DOCS, "raw_scores": True, "return_text": True})
+    assert tei.status_code == 200, tei.text
+    assert [x["index"] for x in tei.json()] == order and tei.json()[0]["text"] == DOCS[order[0]]
+    np.testing.assert_allclose([x["score"] for x in tei.json()], logits[order], atol=1e-5)
+    wrong_form = requests.post(f"{url}/rerank", json={"query": QUERY, "documents": DOCS})  # TEI's field is 'texts'
+    assert wrong_form.status_code == 400 and "'texts' field" in wrong_form.json()["error"]["message"]
+
+
+def test_rerank_requests_batched_together_each_get_their_own_answer(endpoint, exported_reranker):
+    """Concurrent requests share model calls (dynamic batching); each still gets the scores of its own pairs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.crossencoder import OnnxReranker
+
+    url, _, _ = endpoint
+    reranker = OnnxReranker(exported_reranker)
+    asks = [(f"question {i} about {DOCS[i % 4].split()[1]}", DOCS[i % 4:] + DOCS[:i % 4]) for i in range(12)]
+
+    def ask(query_docs):
+        query, docs = query_docs
+        r = requests.post(f"{url}/rerank", json={"query": query, "texts": docs, "raw_scores": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        return sorted(r.json(), key=lambda x: x["index"])
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(ask, asks))
+    for (query, docs), answer in zip(asks, answers):
+        np.testing.assert_allclose([x["score"] for x in answer], reranker.score(query, docs), atol=1e-4)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"query": QUERY, "documents": []}, 400, "'documents' is empty"),
+    ({"query": QUERY}, 400, "'documents' field"),
+    ({"query": "", "documents": DOCS}, 400, "'query' must be a non-empty string"),
+    ({"query": QUERY, "documents": ["fine", 7]}, 400, "'documents' item 1 must be a string or an object"),
+    ({"query": QUERY, "documents": ["fine", {"txt": "x"}]}, 400, "'documents' item 1 must be"),
+    ({"query": QUERY, "documents": ["fine", "  "]}, 400, "'documents' item 1 is an empty string"),
+    ({"query": QUERY, "documents": ["a document"] * 10000}, 413, "10000 documents exceed the limit of 1000"),
+    ({"query": QUERY, "documents": ["ok", "y" * 100000]}, 413, "'documents' item 1 has more than 20000 characters"),
+    ({"query": QUERY, "documents": DOCS, "top_n": 0}, 400, "'top_n' must be an integer from 1 to the number of "
+                                                           "documents (4); got 0"),
+    ({"query": QUERY, "documents": DOCS, "top_n": -2}, 400, "got -2"),
+    ({"query": QUERY, "documents": DOCS, "top_n": 5}, 400, "got 5"),
+    ({"query": QUERY, "documents": DOCS, "top_n": "2"}, 400, "'top_n' must be an integer"),
+    ({"query": QUERY, "documents": DOCS, "return_documents": "yes"}, 400, "'return_documents' must be true or false"),
+    ({"query": QUERY, "documents": DOCS, "truncate": "MIDDLE"}, 400, "'truncate' must be"),
+    ({"query": QUERY, "documents": ["router " * 80]}, 413, "reads at most 64 per pair"),
+    ({"query": "router " * 70, "documents": ["x"], "truncate": "END"}, 413, "'query' has 140 tokens"),
+    ({"query": QUERY, "documents": DOCS, "model": "other"}, 404, "'other' does not exist"),
+])
+def test_bad_rerank_requests_get_clear_errors(endpoint, body, status, words):
+    url, _, _ = endpoint
+    r = requests.post(f"{url}/v1/rerank", json=body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_rerank_truncate_cuts_long_documents_where_asked(endpoint, exported_reranker):
+    """A pair over the reranker's length is cut only on request: END keeps the document's start (the model's
+    own cut), START its end; the query is never cut."""
+    from pipeline.crossencoder import OnnxReranker
+
+    url, _, _ = endpoint
+    reranker = OnnxReranker(exported_reranker)
+    long_doc = "penguins huddle on the ice. " * 20 + "the router firmware fixes the memory leak"
+
+    def score(truncate):
+        r = requests.post(f"{url}/rerank", json={"query": QUERY, "texts": [long_doc], "raw_scores": True,
+                                                 "truncate": truncate})
+        assert r.status_code == 200, r.text
+        return r.json()[0]["score"]
+
+    assert score("END") == pytest.approx(float(reranker.score(QUERY, [long_doc])[0]), abs=1e-4)
+    room = RERANKER_PAIR_TOKENS - reranker.special_pair_tokens - len(reranker.token_ids([QUERY])[0])
+    tail = reranker.decode(reranker.token_ids([long_doc])[0][-room:])
+    assert score("START") == pytest.approx(float(reranker.score(QUERY, [tail])[0]), abs=1e-4)
+    assert "memory leak" in tail
+
+
+def test_retrofit_query_reranks_through_the_endpoint(endpoint, capsys):
+    import json
+
+    from pipeline.cli import main
+
+    url, _, _ = endpoint
+    assert main(["query", QUERY, "--url", url, "--rerank", *DOCS, "--top-n", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed["results"]) == 2 and printed["results"][0]["document"]["text"] in DOCS
+    assert main(["query", QUERY, "--url", url.rsplit(":", 1)[0] + f":{free_port()}", "--rerank", "x"]) == 2
+    assert "--url" in capsys.readouterr().err
