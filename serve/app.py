@@ -69,18 +69,18 @@ class RetrievalService:
             self.reranker = OnnxReranker(reranker_dir, threads=threads, device=pick_device(device, reranker_dir))
         from ray.util import metrics
 
-        self.requests = metrics.Counter("retrofit_embedding_requests", description="Embedding requests by status.",
-                                        tag_keys=("status",))
+        def by_status_and_latency(prefix: str, what: str):
+            return (metrics.Counter(f"{prefix}_requests", description=f"{what} requests by status.",
+                                    tag_keys=("status",)),
+                    metrics.Histogram(f"{prefix}_latency_seconds", description="Request latency.",
+                                      boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]))
+
+        self.requests, self.latency = by_status_and_latency("retrofit_embedding", "Embedding")
+        self.rerank_requests, self.rerank_latency = by_status_and_latency("retrofit_rerank", "Rerank")
         self.inputs = metrics.Counter("retrofit_embedding_inputs", description="Texts embedded.")
-        self.latency = metrics.Histogram("retrofit_embedding_latency_seconds", description="Request latency.",
-                                         boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5])
+        self.rerank_pairs = metrics.Counter("retrofit_rerank_pairs", description="(query, document) pairs scored.")
         self.batch_texts = metrics.Histogram("retrofit_embedding_batch_texts", description="Texts per model call.",
                                              boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-        self.rerank_requests = metrics.Counter("retrofit_rerank_requests", description="Rerank requests by status.",
-                                               tag_keys=("status",))
-        self.rerank_pairs = metrics.Counter("retrofit_rerank_pairs", description="(query, document) pairs scored.")
-        self.rerank_latency = metrics.Histogram("retrofit_rerank_latency_seconds", description="Request latency.",
-                                                boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5])
         self.batch_pairs = metrics.Histogram("retrofit_rerank_batch_pairs", description="Pairs per model call.",
                                              boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
         self.model_name, self.max_inputs, self.max_input_chars = model_name, max_inputs, max_input_chars
