@@ -149,7 +149,8 @@ class VLLMEngine(TransformersEngine):
 
         self.sdg = sdg
         self.tok = AutoTokenizer.from_pretrained(llm_path)
-        self.llm = LLM(model=llm_path, enable_prefix_caching=True, seed=0, dtype="auto")
+        self.llm = LLM(model=llm_path, enable_prefix_caching=True, seed=0, dtype="auto",
+                       enforce_eager=not sdg.placement.vllm_compile)
         self.context = int(self.llm.llm_engine.model_config.max_model_len)
         self.output_tokens = 0
 

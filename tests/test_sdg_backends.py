@@ -67,7 +67,7 @@ def vllm_server(tmp_path_factory):
         proc = subprocess.Popen([str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
                                  "--model", resolve_llm("smollm2"), "--served-model-name", "smollm2",
                                  "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
-                                 "--seed", "0"],
+                                 "--seed", "0", "--enforce-eager"],  # no torch.compile: ~3 min less start-up
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v1"
     try:
@@ -172,7 +172,7 @@ def test_offline_vllm_engine_generates_on_this_cpu():
     from pipeline.models import resolve_llm
 
     assert VLLM_PYTHON.exists(), ".venv-vllm is missing: run `make vllm-venv`"
-    sdg = _sdg("max_new_tokens=32")
+    sdg = _sdg("max_new_tokens=32", "placement.vllm_compile=false")  # torch.compile would add ~3 min here
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pipeline.llm import VLLMEngine\n"
             "from pipeline.config import SDGConfig\n"
             "from pipeline.llm import prompt_messages\n"
