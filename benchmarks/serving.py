@@ -103,7 +103,8 @@ def rerank_answered(reply) -> bool:
     return len(reply["results"]) == DOCS_PER_QUERY and {"index", "relevance_score"} <= set(reply["results"][0])
 
 
-def load(url: str, bodies: list[dict], answered, concurrency: int, pairs_per_request: int = 1) -> dict:
+def load(url: str, bodies: list[dict], answered, concurrency: int, pairs_per_request: int = 1,
+         warm_up: int = 8) -> dict:
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=concurrency, pool_maxsize=concurrency)
     session.mount("http://", adapter)
@@ -115,7 +116,7 @@ def load(url: str, bodies: list[dict], answered, concurrency: int, pairs_per_req
         assert answered(r.json()), r.text[:300]
         return time.perf_counter() - t0
 
-    for body in bodies[:8]:  # warm-up
+    for body in bodies[:warm_up]:
         one(body)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -181,6 +182,13 @@ def start_infinity(model_path: str, port: int, served_name: str = "minilm") -> s
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def progress(system: str, concurrency: int, row: dict) -> dict:
+    """Print one measured level as it finishes (a round of rerank levels takes many minutes)."""
+    speed = f"{row['pairs_per_s']:.1f} pairs/s" if "pairs_per_s" in row else f"{row['requests_per_s']:.1f} req/s"
+    print(f"  {system} c={concurrency}: {speed}, p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms", flush=True)
+    return row
+
+
 def print_table(table: dict, title: str) -> None:
     print(f"-- {title}")
     print(f"{'system':12} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
@@ -199,7 +207,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, help="Requests per concurrency level (default 512; --rerank: 128).")
+    ap.add_argument("--requests", type=int, help="Requests per concurrency level (default 512; --rerank: "
+                    "max(level, 16)).")
     ap.add_argument("--rerank", action="store_true", help="Measure the reranking endpoints instead (see above).")
     ap.add_argument("--skip-infinity", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="Measure every system this many times, the order of the "
@@ -221,7 +230,10 @@ def main() -> int:
     export_dir = WORK / "onnx"
     if not (export_dir / "export.json").exists():
         export_onnx(model_path, export_dir, opset=17)
-    n = args.requests or (128 if args.rerank else 512)
+    # A rerank request is 20 pairs of ~300 tokens (~seconds on 2 cores): a fixed count per level would take
+    # hours, so each level gets max(level, --requests) requests, enough to keep every worker busy.
+    n = args.requests or (16 if args.rerank else 512)
+    count = (lambda c: max(c, n)) if args.rerank else (lambda c: n)
 
     import torch
 
@@ -236,10 +248,10 @@ def main() -> int:
         if not (reranker_export / "export.json").exists():
             save_reranker(*load_pair_model(model_path), reranker_dir, RERANK_PAIR_TOKENS)
             export_reranker_onnx(reranker_dir, reranker_export, opset=17)
-        bodies = rerank_requests(n)
+        bodies = rerank_requests(max(count(c) for c in levels))
         infinity_bodies = [{**b, "model": "reranker"} for b in bodies]
         cross = CrossEncoder(str(reranker_dir), device="cpu", max_length=RERANK_PAIR_TOKENS)
-        baseline = lambda c: in_process_rerank(bodies, c, cross)  # noqa: E731
+        baseline = lambda c: in_process_rerank(bodies[:count(c)], c, cross)  # noqa: E731
         servers = [("ours", lambda port: start_ours(export_dir, port, args.overrides, env, reranker_export),
                     "/v1/rerank", "/health", bodies)]
         if not args.skip_infinity:
@@ -260,14 +272,16 @@ def main() -> int:
     speed = "pairs_per_s" if args.rerank else "requests_per_s"
     rounds = []
     for r in range(args.rounds):
-        table = {"in-process": {c: baseline(c) for c in levels}}
+        table = {"in-process": {c: progress("in-process", c, baseline(c)) for c in levels}}
         # This VM's speed drifts within minutes: alternate which server goes first.
         for name, start, route, health, requests_of in (servers if r % 2 == 0 else servers[::-1]):
             port = free_port()
             proc = start(port)
             try:
                 wait_ready(f"http://127.0.0.1:{port}{health}", proc)
-                table[name] = {c: load(f"http://127.0.0.1:{port}{route}", requests_of, answered, c, per_request)
+                url = f"http://127.0.0.1:{port}{route}"
+                table[name] = {c: progress(name, c, load(url, requests_of[:count(c)], answered, c, per_request,
+                                                         warm_up=2 if args.rerank else 8))
                                for c in levels}
             finally:
                 stop(proc)
@@ -297,7 +311,7 @@ def main() -> int:
         extra.update(docs_per_query=DOCS_PER_QUERY, doc_chars=DOC_CHARS, max_pair_tokens=RERANK_PAIR_TOKENS,
                      throughput="pairs_per_s")
     path = write_result("serving-rerank" if args.rerank else "serving",
-                        {"requests": n, "rounds": args.rounds, "table": table,
+                        {"requests": {c: count(c) for c in levels}, "rounds": args.rounds, "table": table,
                                     "per_round": rounds if args.rounds > 1 else None, "ratios": ratios, **extra,
                                     "ours_settings": args.overrides, "ours_env": env, "command": command})
     print(f"wrote {path}")
